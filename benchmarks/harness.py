@@ -1,0 +1,93 @@
+"""Side-by-side timing: eager PyTorch vs torch.compile of the same code vs fastpatch, same run.
+
+A benchmark module exposes ``cases() -> list[Case]``; ``bench_ops.py`` runs them all. Times are
+medians of CUDA-event-timed runs after warm-up (``triton.testing.do_bench`` when available), and
+peak memory is measured per variant from a clean allocator state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from typing import Callable, Dict, List
+
+import torch
+
+
+@dataclasses.dataclass
+class Case:
+    """One workload: ``variants`` maps "eager" / "compile" / "fastpatch" to a zero-arg callable
+    (each builds nothing: inputs are captured when the case is made)."""
+
+    op: str
+    shape: str
+    dtype: str
+    variants: Dict[str, Callable[[], object]]
+    note: str = ""
+
+
+def time_ms(fn: Callable[[], object], warmup_ms: float = 50, rep_ms: float = 300) -> float:
+    try:
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    except ImportError:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(50):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_case(case: Case) -> List[dict]:
+    rows = []
+    for name, fn in case.variants.items():
+        try:
+            fn()  # compile / JIT outside the timing
+            ms = time_ms(fn)
+            mem = peak_memory_mb(fn)
+            rows.append(dict(op=case.op, shape=case.shape, dtype=case.dtype, variant=name,
+                             ms=ms, peak_mb=mem, note=case.note))
+        except Exception as exc:  # a failing variant is reported, not fatal to the run
+            rows.append(dict(op=case.op, shape=case.shape, dtype=case.dtype, variant=name,
+                             ms=None, peak_mb=None, note=f"failed: {type(exc).__name__}: {exc}"[:300]))
+    return rows
+
+
+def fwd_bwd(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], None]:
+    """A callable running forward and backward of ``fn(*inputs)`` with a fixed random grad."""
+    out = fn(*inputs)
+    out = out[0] if isinstance(out, tuple) else out
+    grad = torch.randn_like(out)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def step():
+        o = fn(*inputs)
+        o = o[0] if isinstance(o, tuple) else o
+        torch.autograd.grad(o, leaves, grad)
+
+    return step
+
+
+def environment() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True).stdout.strip())
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                cuda=torch.version.cuda, commit=commit + ("-dirty" if dirty else ""))

@@ -1,0 +1,30 @@
+"""Test configuration: the ``cuda`` marker and shared numerical helpers.
+
+``cuda``-marked tests need a GPU and the built kernels; CI has neither, so they are skipped
+there with that reason and run by ``benchmarks/run_gpu.sh`` on the GPU machine.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (run on the GPU machine)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run by benchmarks/run_gpu.sh on the GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
