@@ -94,6 +94,9 @@ def _load() -> ExtensionStatus:
         return ExtensionStatus(True, "prebuilt fastpatch._C")
     except ImportError as exc:
         prebuilt_error = str(exc)
+    if not torch.cuda.is_available():
+        return ExtensionStatus(False, f"fastpatch._C not importable ({prebuilt_error}) and no GPU "
+                                      "visible to JIT-build for")
     if os.environ.get("FASTPATCH_JIT", "1") == "0":
         return ExtensionStatus(False, f"fastpatch._C not importable ({prebuilt_error}); JIT disabled")
     return _jit_build()
