@@ -1,0 +1,86 @@
+"""The contract between ``accelerate`` and the per-framework adapters in ``integrations/``.
+
+An adapter recognises one kind of layer (``BertLayer``, ``GPT2Block``, fairseq's
+``TransformerEncoderLayer``...), says why a given instance cannot be accelerated (a knob the
+fused layer cannot honour), and accelerates it **in place**: the module keeps its submodules and
+``nn.Parameter`` objects, and its class becomes a subclass of the original whose ``forward`` runs
+the fused ops. Because nothing is copied or renamed:
+
+* ``state_dict()`` keys and layouts are the original ones (checkpoints load both ways);
+* an optimizer, DDP or ZeRO holding the parameters keeps working;
+* ``isinstance`` checks, output recorders and gradient-checkpointing wrappers of the framework
+  still see their own class;
+* ``revert`` only restores the class.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, List, Optional
+
+from torch import nn
+
+FUSED_ATTR = "_fastpatch"  # per-instance state of an accelerated module (its fused plan)
+
+
+class LayerAdapter:
+    """Base class of the adapters. Subclasses set ``fused_mixin`` and implement the three hooks."""
+
+    #: short name shown in reports, e.g. "huggingface.bert_layer"
+    name: str = ""
+    #: class placed before the original in the accelerated module's MRO; defines ``forward``
+    fused_mixin: type = object
+
+    def applies_to(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def unsupported_reason(self, module: nn.Module, path: str) -> Optional[str]:
+        """Why this instance cannot be accelerated (names the knob), or None if it can."""
+        raise NotImplementedError
+
+    def prepare(self, module: nn.Module):
+        """Per-instance state for the fused forward (configuration, views of the parameters)."""
+        raise NotImplementedError
+
+    def accelerate(self, module: nn.Module) -> None:
+        state = self.prepare(module)
+        original = type(module)
+        module.__class__ = fused_subclass(self.fused_mixin, original)
+        setattr(module, FUSED_ATTR, state)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_subclass(mixin: type, original: type) -> type:
+    """``class Fused<Original>(mixin, original)``, created once per pair."""
+    name = f"Fused{original.__name__}"
+    return type(name, (mixin, original), {"__module__": mixin.__module__,
+                                            "_fastpatch_original_class": original})
+
+
+def is_accelerated(module: nn.Module) -> bool:
+    return hasattr(type(module), "_fastpatch_original_class")
+
+
+def revert_module(module: nn.Module) -> None:
+    """Give ``module`` back its original class; its parameters were never moved."""
+    module.__class__ = type(module)._fastpatch_original_class
+    module.__dict__.pop(FUSED_ATTR, None)
+
+
+def available_adapters() -> List[LayerAdapter]:
+    """Adapters of the frameworks already imported by the caller (none is imported here)."""
+    import sys
+
+    adapters: List[LayerAdapter] = []
+    if "transformers" in sys.modules:
+        from fastpatch.integrations.huggingface import adapters as hf
+
+        adapters += hf()
+    if "fairseq" in sys.modules:
+        from fastpatch.integrations.fairseq import adapters as fs
+
+        adapters += fs()
+    return adapters
+
+
+def first_match(adapters: Iterable[LayerAdapter], module: nn.Module) -> Optional[LayerAdapter]:
+    return next((a for a in adapters if a.applies_to(module)), None)

@@ -1,0 +1,133 @@
+"""Fused transformer sub-blocks as functions of (input, weights it does not own).
+
+Adapters accelerate a framework's layer in place and call these with the layer's own
+``nn.Parameter`` objects, so the model's parameters, their names and their owners never change.
+The module classes in this package (``TransformerEncoderLayer``...) own their parameters and are
+what LightSeq-style code builds directly.
+
+Shapes: ``x`` is ``[B, L, H]``; a projection weight is ``[out, in]`` (``nn.Linear``) unless the
+``Projection`` says ``transposed`` (GPT-2's ``Conv1D`` stores ``[in, out]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """A linear map whose weight is one tensor or the row-concatenation of several.
+
+    ``weights``/``biases`` are the framework's own tensors (e.g. BERT's separate query, key and
+    value); they are concatenated per call so that one matmul serves them all, which costs a
+    copy of the weights (a few MB) and keeps the checkpoint layout untouched.
+    """
+
+    weights: Sequence[Tensor]
+    biases: Optional[Sequence[Optional[Tensor]]] = None
+    transposed: bool = False
+
+    def weight(self) -> Tensor:
+        if len(self.weights) == 1:
+            return self.weights[0]
+        return torch.cat(list(self.weights), dim=1 if self.transposed else 0)
+
+    def bias(self) -> Optional[Tensor]:
+        if self.biases is None or all(b is None for b in self.biases):
+            return None
+        if len(self.biases) == 1:
+            return self.biases[0]
+        return torch.cat(list(self.biases), dim=0)
+
+    def __call__(self, x: Tensor, *, with_bias: bool = True) -> Tensor:
+        """``x [..., in] -> [..., out]``; ``with_bias=False`` leaves the bias to a fused epilogue."""
+        w = self.weight()
+        b = self.bias() if with_bias else None
+        if self.transposed:
+            out = torch.matmul(x, w)
+            return out if b is None else out + b
+        return torch.nn.functional.linear(x, w, b)
+
+
+def promote(*tensors: Optional[Tensor]):
+    """Cast to the widest floating dtype among ``tensors`` (None stays None).
+
+    This is eager PyTorch's type promotion, which is what autocast training relies on: a bf16
+    matmul output meeting an fp32 bias or residual continues in fp32. The fused ops take one
+    dtype, so the narrower inputs are cast first, as eager would.
+    """
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNormWeights:
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    eps: float
+
+
+def self_attention(x: Tensor, qkv: Projection, out: Projection, num_heads: int, *,
+                   key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                   causal: bool = False, attn_dropout: float = 0.0, training: bool = False,
+                   scale: Optional[float] = None, kv_update=None) -> Tensor:
+    """Multi-head self-attention up to (not including) the output projection's bias.
+
+    Args:
+        x: ``[B, L, H]``.
+        qkv: projection to ``[B, L, 3H]`` (q, k, v stacked in that order).
+        key_padding_mask: ``[B, S]`` bool, True = padding.
+        attn_mask: bool (True = attend) or additive mask broadcastable to ``[B, heads, L, S]``.
+        kv_update: ``(k, v) -> (k_all, v_all)`` for incremental decoding (a framework's cache).
+
+    Returns:
+        ``[B, L, H]``: the output projection WITHOUT its bias, for a fused bias epilogue.
+    """
+    b, length, hidden = x.shape
+    head_dim = hidden // num_heads
+    # view, not copy: SDPA takes the strided [B, h, L, d] layout as is
+    q, k, v = qkv(x).view(b, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if kv_update is not None:
+        k, v = kv_update(k, v)
+    context = ops.attention(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                            causal=causal, dropout_p=attn_dropout, training=training, scale=scale)
+    context = context.transpose(1, 2).reshape(b, length, hidden)
+    return out(context, with_bias=False)
+
+
+def feed_forward(x: Tensor, fc1: Projection, fc2: Projection, activation: str, *,
+                 activation_dropout: float = 0.0, training: bool = False) -> Tensor:
+    """``fc2(dropout(act(fc1(x))))`` without fc2's bias (left to the fused epilogue)."""
+    hidden, bias = promote(fc1(x, with_bias=False), fc1.bias())
+    hidden = ops.bias_activation_dropout(hidden, bias, activation, p=activation_dropout,
+                                         training=training)
+    return fc2(hidden, with_bias=False)
+
+
+def post_norm_residual(y: Tensor, bias: Optional[Tensor], residual: Tensor, norm: LayerNormWeights,
+                       dropout: float, training: bool) -> Tensor:
+    """``LayerNorm(residual + dropout(y + bias))`` in one kernel."""
+    y, bias, residual, weight, ln_bias = promote(y, bias, residual, norm.weight, norm.bias)
+    return ops.bias_dropout_residual_layernorm(y, bias, residual, weight, ln_bias, eps=norm.eps,
+                                               p=dropout, training=training)
+
+
+def pre_norm_residual(y: Tensor, bias: Optional[Tensor], residual: Tensor, norm: LayerNormWeights,
+                      dropout: float, training: bool):
+    """``(r, LayerNorm(r))`` with ``r = residual + dropout(y + bias)``, in one kernel."""
+    y, bias, residual, weight, ln_bias = promote(y, bias, residual, norm.weight, norm.bias)
+    return ops.bias_dropout_residual_prenorm(y, bias, residual, weight, ln_bias, eps=norm.eps,
+                                             p=dropout, training=training)
+
+
+def layer_norm(x: Tensor, norm: LayerNormWeights) -> Tensor:
+    x, weight, bias = promote(x, norm.weight, norm.bias)
+    return ops.layer_norm(x, weight, bias, eps=norm.eps)

@@ -1,0 +1,118 @@
+"""``accelerate`` / ``revert`` / ``report``: walk a model and swap in fused layers in place."""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .adapters import available_adapters, first_match, is_accelerated, revert_module
+from .report import AccelerationReport, UnsupportedModelError
+
+logger = logging.getLogger("fastpatch")
+
+_REPORT_ATTR = "_fastpatch_report"
+# Classes that look like a transformer layer; one with no adapter is reported, not ignored.
+_LAYER_LIKE = re.compile(r"(EncoderLayer|DecoderLayer|TransformerLayer|Layer|Block)$")
+
+
+def _unwrap(model: nn.Module, report: AccelerationReport) -> nn.Module:
+    """The module holding the layers: DeepSpeed engines and DDP wrap it as ``.module``."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        kind = type(model).__name__
+        if kind in ("DeepSpeedEngine", "DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
+            report.notes.append(f"walked {kind}.module")
+            model = model.module
+    if type(model).__name__.startswith("Peft"):
+        report.notes.append("PEFT-wrapped models are not supported yet: layers with LoRA adapters "
+                            "are reported as skipped")
+    return model
+
+
+def accelerate(model: nn.Module, *, strict: bool = False, training: Optional[bool] = None,
+               dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace, in place, every layer of ``model`` that fastpatch supports by its fused version.
+
+    Parameters are shared, not copied: ``state_dict()`` keeps its keys, an optimizer built
+    before still holds the right tensors (building it after is still the documented order).
+
+    Args:
+        model: a Hugging Face, fairseq or plain PyTorch model (DDP / DeepSpeed engines are walked).
+        strict: raise :class:`UnsupportedModelError` if any layer-like module is left alone.
+        training: call ``model.train(training)`` first (None leaves the mode as it is).
+        dtype: convert the model to this dtype first (e.g. ``torch.bfloat16``).
+
+    Returns:
+        ``model`` itself; ``fastpatch.report(model)`` tells what was replaced and skipped.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        model.to(dtype)
+    if training is not None:
+        model.train(bool(training))
+    report = AccelerationReport(model_class=type(model).__name__)
+    root = _unwrap(model, report)
+    adapters = available_adapters()
+    if not adapters:
+        report.notes.append("no framework adapter is active (import transformers or fairseq before "
+                            "calling accelerate)")
+    claimed = []  # paths of accelerated (or refused) layers: their children are not walked
+    for path, module in root.named_modules():
+        if any(path.startswith(prefix + ".") for prefix in claimed):
+            continue
+        if is_accelerated(module):
+            report.replaced[path] = type(module).__name__
+            claimed.append(path)
+            continue
+        adapter = first_match(adapters, module)
+        if adapter is None:
+            if _LAYER_LIKE.search(type(module).__name__) and path and _is_transformer_like(module):
+                report.skipped[path] = f"no fastpatch adapter for {type(module).__qualname__}"
+                claimed.append(path)
+            continue
+        claimed.append(path)
+        reason = adapter.unsupported_reason(module, path)
+        if reason is not None:
+            report.skipped[path] = reason
+            continue
+        adapter.accelerate(module)
+        report.replaced[path] = type(module).__name__
+    setattr(model, _REPORT_ATTR, report)
+    if root is not model:
+        setattr(root, _REPORT_ATTR, report)
+    logger.info(report.summary())
+    if strict and (report.skipped or not report.replaced):
+        raise UnsupportedModelError(report)
+    return model
+
+
+def _is_transformer_like(module: nn.Module) -> bool:
+    """A layer worth reporting: it owns attention-like children and has parameters."""
+    names = " ".join(n.lower() for n, _ in module.named_children())
+    return any(k in names for k in ("attn", "attention")) and any(True for _ in module.parameters())
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Give every accelerated module its original class back; weights are the current ones."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if is_accelerated(module):
+            revert_module(module)
+    for module in (model, getattr(model, "module", None)):
+        if module is not None:
+            module.__dict__.pop(_REPORT_ATTR, None)
+    return model
+
+
+def report(model: nn.Module) -> AccelerationReport:
+    """The report of the last ``accelerate(model)``; an empty one if it was never accelerated."""
+    found = getattr(model, _REPORT_ATTR, None)
+    return found if found is not None else AccelerationReport(model_class=type(model).__name__)

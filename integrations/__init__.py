@@ -1,0 +1,2 @@
+"""Framework adapters, installed as ``fastpatch.integrations``: ``huggingface``, ``fairseq``,
+``deepspeed``. Each imports its framework lazily, only when a model of it is accelerated."""
