@@ -4,13 +4,21 @@ autograd formulas, CUDA kernels (``csrc/``) and PyTorch references for the CPU.
 The public functions validate their arguments and return ordinary tensors; the raw custom ops
 are reachable as ``torch.ops.fastpatch.*``.
 """
+from .attention import attention, kv_cache_append_, merge_heads, split_heads
 from .bias_activation_dropout import bias_activation_dropout
 
 __all__ = [
+    "attention",
+    "kv_cache_append_",
+    "merge_heads",
+    "split_heads",
     "bias_activation_dropout",
 ]
 
 # (public op, CUDA kernels it uses); `fastpatch env` reports each one's path.
 KERNELS = {
+    "split_heads": ("attn_split_heads", "attn_merge_heads"),
+    "merge_heads": ("attn_merge_heads", "attn_split_heads"),
+    "kv_cache_append_": ("attn_kv_cache_append",),
     "bias_activation_dropout": ("bias_act_dropout_fwd", "bias_act_dropout_bwd"),
 }
