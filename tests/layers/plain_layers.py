@@ -234,3 +234,25 @@ class GPT2Block(nn.Module):
         x = x + self.attn.c_proj(merge(ctx))
         h = self.ln_2(x)
         return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(h), approximate="tanh"))
+
+
+# ------------------------------------------------------------------------------ test helpers
+def randomize_(module, scale=0.3):
+    """Random weights everywhere (LayerNorms around 1), so no term hides behind a zero init."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            is_norm = "norm" in name.lower() or name.startswith("ln_")
+            if is_norm and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+    return module
+
+
+def padding_mask(lengths, total, side):
+    """bool [B, total], True = padding, on the ``side`` ("left"/"right") of each row."""
+    idx = torch.arange(total)[None, :]
+    lengths = torch.tensor(lengths)[:, None]
+    if side == "right":
+        return idx >= lengths
+    return idx < total - lengths

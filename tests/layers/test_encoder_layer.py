@@ -8,31 +8,11 @@ import torch
 from fastpatch.layers import (LayerConfig, TransformerEncoderLayer, fairseq_layer_map,
                               hf_bert_layer_map, hf_gpt2_block_map)
 from numerics import assert_close_relative, assert_within_factor_of_torch
-from plain_layers import BertLayer, FairseqEncoderLayer, GPT2Block, bert_extended_mask
+from plain_layers import (BertLayer, FairseqEncoderLayer, GPT2Block, bert_extended_mask,
+                          padding_mask, randomize_)
 
 ACTIVATIONS = ["gelu", "gelu_tanh", "relu", "silu"]
 TOL = 1e-5
-
-
-def randomize_(module, scale=0.3):
-    """Random weights everywhere (LayerNorms around 1), so no term hides behind a zero init."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            is_norm = "norm" in name.lower() or name.startswith("ln_")
-            if is_norm and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(scale * torch.randn_like(p))
-    return module
-
-
-def padding_mask(lengths, total, side):
-    """bool [B, total], True = padding, on the ``side`` ("left"/"right") of each row."""
-    idx = torch.arange(total)[None, :]
-    lengths = torch.tensor(lengths)[:, None]
-    if side == "right":
-        return idx >= lengths
-    return idx < total - lengths
 
 
 def fused_from(plain, config, weight_map):
