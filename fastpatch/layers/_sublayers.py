@@ -20,11 +20,12 @@ from torch import Tensor, nn
 
 from .. import ops
 from .config import LayerConfig
+from .functional import promote
 
 
 def _cast(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
-    """``t`` in ``like``'s dtype: under autocast the GEMMs run in half precision while the
-    parameters stay fp32, and the fused ops take one dtype."""
+    """``t`` in ``like``'s dtype, for a bias that eager code adds inside ``nn.Linear`` (where
+    autocast casts it to the GEMM's half precision)."""
     if t is None or t.dtype == like.dtype:
         return t
     return t.to(like.dtype)
@@ -176,28 +177,34 @@ class FusedSublayers(nn.Module):
         return F.linear(inner, self.fc2_weight, self.fc2_bias if with_bias else None)
 
     # ---------------------------------------------------------------------- residual wiring
+    # The residual ops promote their inputs to the widest dtype, as eager PyTorch would: under
+    # autocast a half-precision GEMM output meets an fp32 residual stream and fp32 LayerNorm.
     def _input_norm(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        return ops.layer_norm(x, _cast(weight, x), _cast(bias, x), self.config.layer_norm_eps)
+        x, weight, bias = promote(x, weight, bias)
+        return ops.layer_norm(x, weight, bias, self.config.layer_norm_eps)
 
     def _post_ln(self, y: Tensor, bias: Optional[Tensor], residual: Tensor,
                  norm_weight: Tensor, norm_bias: Tensor) -> Tensor:
         c = self.config
+        y, bias, residual, norm_weight, norm_bias = promote(y, bias, residual, norm_weight,
+                                                            norm_bias)
         return ops.bias_dropout_residual_layernorm(
-            y, _cast(bias, y), _cast(residual, y), _cast(norm_weight, y), _cast(norm_bias, y),
-            eps=c.layer_norm_eps, p=self._dropout_p(c.hidden_dropout), training=self.training)
+            y, bias, residual, norm_weight, norm_bias, eps=c.layer_norm_eps,
+            p=self._dropout_p(c.hidden_dropout), training=self.training)
 
     def _pre_ln(self, y: Tensor, bias: Optional[Tensor], residual: Tensor,
                 next_norm_weight: Tensor, next_norm_bias: Tensor) -> Tuple[Tensor, Tensor]:
         """Returns the new residual stream and its LayerNorm under the next block's norm."""
         c = self.config
+        y, bias, residual, weight, ln_bias = promote(y, bias, residual, next_norm_weight,
+                                                     next_norm_bias)
         return ops.bias_dropout_residual_prenorm(
-            y, _cast(bias, y), _cast(residual, y), _cast(next_norm_weight, y),
-            _cast(next_norm_bias, y), eps=c.layer_norm_eps, p=self._dropout_p(c.hidden_dropout),
-            training=self.training)
+            y, bias, residual, weight, ln_bias, eps=c.layer_norm_eps,
+            p=self._dropout_p(c.hidden_dropout), training=self.training)
 
     def _last_pre_ln_residual(self, y_with_bias: Tensor, residual: Tensor) -> Tensor:
         p = self._dropout_p(self.config.hidden_dropout)
-        return _cast(residual, y_with_bias) + F.dropout(y_with_bias, p, self.training)
+        return residual + F.dropout(y_with_bias, p, self.training)
 
     def _norms(self) -> List[Tuple[Tensor, Tensor]]:
         norms = [(self.attn_norm_weight, self.attn_norm_bias)]

@@ -214,3 +214,16 @@ def test_cuda_torch_compile_of_a_stack():
     torch.testing.assert_close(out, layers(x), rtol=2e-2, atol=2e-2)
     out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_autocast_bf16_within_rule_of_plain_layer_under_autocast(pre_ln):
+    fused, plain = fairseq_pair(pre_ln, "gelu", hidden=64, ffn=128)
+    x = torch.randn(2, 16, 64)
+    mask = padding_mask([16, 9], 16, "right")
+    ref = plain(x, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_fused = fused(x, mask)
+        out_plain = plain(x, mask)
+    assert out_fused.dtype == out_plain.dtype == torch.float32  # fp32 residual stream, as eager
+    assert_within_factor_of_torch(out_fused, out_plain, ref, "autocast forward")
