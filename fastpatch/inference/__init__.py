@@ -1,0 +1,20 @@
+"""Inference engine: graph-captured decoding, export and three-line inference.
+
+    import fastpatch
+    fastpatch.export(model, "gpt2-export")            # safetensors weights + config.json
+
+    import fastpatch.inference as fi
+    m = fi.Gpt("gpt2-export", max_batch_size=8)
+    m.sample([[464, 3290, 318]], max_new_tokens=32)   # greedy unless the export / kwargs say otherwise
+    fi.Bert("bert-export", max_batch_size=8).infer(ids)
+
+Nothing here imports transformers or fairseq: an exported model runs with torch and
+safetensors only. ``fi.Gpt.from_hf(model)`` and :func:`enable_generate` work on live models.
+"""
+from .bert import Bert, EncoderOutput
+from .export import export
+from .generation import GenerationOutput
+from .gpt import Gpt
+from .options import GenerationOptions
+
+__all__ = ["Gpt", "Bert", "EncoderOutput", "GenerationOptions", "GenerationOutput", "export"]

@@ -1,0 +1,216 @@
+"""BERT encoder inference: ``fi.Bert(path, max_batch_size=8).infer(ids)``.
+
+The forward is fastpatch's fused ops (``split_heads``, ``attention``,
+``bias_dropout_residual_layernorm`` for each post-LN residual, ``bias_activation_dropout``) over
+the exported tensors. On CUDA one forward per (rows, length) bucket, lengths and rows rounded
+up to powers of two, is captured in a CUDA graph: at batch 1 a BERT-base forward is ~100
+kernels that eager PyTorch issues slower than the GPU runs them. Padding added to reach a
+bucket is masked, so it changes no real token's output; an input without padding that fills
+its bucket exactly runs a graph without any mask (SDPA's fastest kernels).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..layers.functional import (LayerNormWeights, Projection, feed_forward, layer_norm,
+                                 post_norm_residual)
+from ..ops.activations import canonical_activation
+from . import checkpoint
+from .graphs import CapturedCall, bucket
+from .inputs import token_batch
+
+ARCHITECTURE = "bert"
+
+
+@dataclasses.dataclass(frozen=True)
+class BertSpec:
+    """Shape and numerics of a BERT encoder (post-LN, learned absolute positions, token types)."""
+
+    vocab_size: int
+    max_positions: int
+    type_vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_size: int
+    activation: str
+    layer_norm_eps: float
+    #: the model has BERT's pooler (``tanh(W h[CLS] + b)``)
+    pooler: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_positions", "type_vocab_size", "hidden_size", "num_layers",
+                     "num_heads", "ffn_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"model.num_heads ({self.num_heads})")
+        if canonical_activation(self.activation) is None:
+            raise ValueError(f"model.activation {self.activation!r} has no fused kernel")
+        object.__setattr__(self, "activation", canonical_activation(self.activation))
+
+    def tensor_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        h, f = self.hidden_size, self.ffn_size
+        shapes = {"embed.tokens": (self.vocab_size, h), "embed.positions": (self.max_positions, h),
+                  "embed.token_types": (self.type_vocab_size, h), "embed.ln.weight": (h,),
+                  "embed.ln.bias": (h,)}
+        for i in range(self.num_layers):
+            p = f"layers.{i}."
+            shapes.update({
+                p + "attn.qkv.weight": (3 * h, h), p + "attn.qkv.bias": (3 * h,),
+                p + "attn.out.weight": (h, h), p + "attn.out.bias": (h,),
+                p + "ln1.weight": (h,), p + "ln1.bias": (h,),
+                p + "ffn.fc1.weight": (f, h), p + "ffn.fc1.bias": (f,),
+                p + "ffn.fc2.weight": (h, f), p + "ffn.fc2.bias": (h,),
+                p + "ln2.weight": (h,), p + "ln2.bias": (h,),
+            })
+        if self.pooler:
+            shapes.update({"pooler.weight": (h, h), "pooler.bias": (h,)})
+        return shapes
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertSpec":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model fields {unknown} in config.json")
+        return cls(**d)
+
+
+class EncoderOutput(NamedTuple):
+    """``last_hidden_state [B, L, H]`` and ``pooler_output [B, H]`` (None without a pooler)."""
+
+    last_hidden_state: Tensor
+    pooler_output: Optional[Tensor]
+
+
+class BertEngine:
+    """The encoder forward over a :class:`BertSpec`'s tensors, eager or graph-replayed."""
+
+    def __init__(self, spec: BertSpec, tensors: Dict[str, Tensor], *, use_cuda_graph: bool = True,
+                 where: str = "tensors"):
+        checkpoint.check_tensors(spec.tensor_shapes(), tensors, where)
+        self.spec, self.t = spec, tensors
+        t, eps = tensors, spec.layer_norm_eps
+        norm = lambda p: LayerNormWeights(t[p + ".weight"], t[p + ".bias"], eps)  # noqa: E731
+        linear = lambda p: Projection((t[p + ".weight"],), (t[p + ".bias"],))  # noqa: E731
+        self.embed_ln = norm("embed.ln")
+        self.layers = [dict(qkv=linear(f"layers.{i}.attn.qkv"), out=linear(f"layers.{i}.attn.out"),
+                            ln1=norm(f"layers.{i}.ln1"), fc1=linear(f"layers.{i}.ffn.fc1"),
+                            fc2=linear(f"layers.{i}.ffn.fc2"), ln2=norm(f"layers.{i}.ln2"))
+                       for i in range(spec.num_layers)]
+        self.device = t["embed.tokens"].device
+        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self._graphs: Dict[Tuple[int, int, bool], "_ForwardGraph"] = {}
+
+    def forward(self, ids: Tensor, types: Tensor, padding: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """``ids``/``types`` ``[R, L]``, ``padding`` ``[R, L]`` bool (True = padding) or None.
+        Returns ``(hidden [R, L, H], pooled [R, H] or None)``."""
+        t = self.t
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = F.embedding(ids, t["embed.tokens"]) + F.embedding(types, t["embed.token_types"])
+        x = layer_norm(x + F.embedding(positions, t["embed.positions"]), self.embed_ln)
+        for layer in self.layers:
+            q, k, v = ops.split_heads(layer["qkv"](x, with_bias=False), layer["qkv"].bias(),
+                                      self.spec.num_heads, 3)
+            context = ops.merge_heads(ops.attention(q, k, v, key_padding_mask=padding))
+            x = post_norm_residual(layer["out"](context, with_bias=False), layer["out"].bias(), x,
+                                   layer["ln1"], 0.0, False)
+            y = feed_forward(x, layer["fc1"], layer["fc2"], self.spec.activation)
+            x = post_norm_residual(y, layer["fc2"].bias(), x, layer["ln2"], 0.0, False)
+        pooled = None
+        if self.spec.pooler:
+            pooled = torch.tanh(F.linear(x[:, 0], t["pooler.weight"], t["pooler.bias"]))
+        return x, pooled
+
+    def run(self, ids: Tensor, types: Tensor, mask: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Forward of a validated batch; on CUDA through the bucket's graph (outputs copied out)."""
+        rows, length = ids.shape
+        padded = not bool(mask.all())
+        if not self.use_cuda_graph:
+            return self.forward(ids, types, ~mask if padded else None)
+        padded_rows = bucket(rows)
+        padded_length = min(bucket(length, 16), self.spec.max_positions)
+        masked = padded or padded_length != length
+        graph = self._graphs.get((padded_rows, padded_length, masked))
+        if graph is None:
+            graph = self._graphs[(padded_rows, padded_length, masked)] = \
+                _ForwardGraph(self, padded_rows, padded_length, masked)
+        graph.ids.zero_()
+        graph.types.zero_()
+        graph.ids[:rows, :length].copy_(ids)
+        graph.types[:rows, :length].copy_(types)
+        if masked:
+            graph.padding.fill_(True)
+            graph.padding[rows:] = False  # filler rows attend to themselves; their output is dropped
+            graph.padding[:rows, :length].copy_(~mask)
+        hidden, pooled = graph.call()
+        return hidden[:rows, :length].clone(), None if pooled is None else pooled[:rows].clone()
+
+
+class _ForwardGraph:
+    def __init__(self, engine: BertEngine, rows: int, length: int, masked: bool):
+        device = engine.device
+        self.ids = torch.zeros(rows, length, dtype=torch.int64, device=device)
+        self.types = torch.zeros(rows, length, dtype=torch.int64, device=device)
+        self.padding = torch.zeros(rows, length, dtype=torch.bool, device=device) if masked else None
+        self.call = CapturedCall(lambda: engine.forward(self.ids, self.types, self.padding), device)
+
+
+class Bert:
+    """Three-line BERT inference: ``fi.Bert(path, max_batch_size=8).infer(ids)``.
+
+    Args:
+        path: a directory written by ``fastpatch.export`` from a ``BertModel`` (or ``BertFor...``).
+        max_batch_size: most rows per call (more raise ``ValueError``).
+        device: default CUDA when available, else CPU.
+        dtype: cast the weights (e.g. ``torch.float16``); default as exported.
+        use_cuda_graph: replay captured forwards on CUDA (False: eager, for debugging).
+    """
+
+    def __init__(self, path, max_batch_size: int = 8, *, device=None, dtype: Optional[torch.dtype] = None,
+                 use_cuda_graph: bool = True):
+        model, tensors, _ = checkpoint.load(path, ARCHITECTURE, device=device, dtype=dtype)
+        self._setup(BertSpec.from_dict(model), tensors, max_batch_size, use_cuda_graph, str(path))
+
+    @classmethod
+    def from_hf(cls, model, max_batch_size: int = 8, *, use_cuda_graph: bool = True) -> "Bert":
+        """An engine over a live ``transformers`` BERT model (q/k/v concatenated once: a copy)."""
+        from .hf_models import bert_tensors
+
+        spec, tensors = bert_tensors(model)
+        self = cls.__new__(cls)
+        self._setup(spec, tensors, max_batch_size, use_cuda_graph, type(model).__name__)
+        return self
+
+    def _setup(self, spec: BertSpec, tensors, max_batch_size: int, use_cuda_graph: bool, where: str):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        self.spec, self.max_batch_size = spec, max_batch_size
+        self.engine = BertEngine(spec, tensors, use_cuda_graph=use_cuda_graph, where=where)
+        self.device = self.engine.device
+
+    def infer(self, input_ids, attention_mask=None, token_type_ids=None) -> EncoderOutput:
+        """Encode ``input_ids [B, L]`` (tensor or rectangular list; ``attention_mask`` 0 = padding,
+        any side). Returns the last hidden states ``[B, L, H]`` and the pooled ``[B, H]``."""
+        with torch.inference_mode():
+            ids, mask, types = token_batch(input_ids, attention_mask, vocab_size=self.spec.vocab_size,
+                                           max_batch_size=self.max_batch_size, device=self.device,
+                                           type_ids=token_type_ids,
+                                           type_vocab_size=self.spec.type_vocab_size, left_align=False)
+            if ids.shape[1] > self.spec.max_positions:
+                raise ValueError(f"input_ids has {ids.shape[1]} tokens per row, more than the model's "
+                                 f"{self.spec.max_positions} positions")
+            if types is None:
+                types = torch.zeros_like(ids)
+            return EncoderOutput(*self.engine.run(ids, types, mask))
