@@ -12,4 +12,13 @@ from .report import AccelerationReport, UnsupportedModelError
 __version__ = "0.1.0"
 
 __all__ = ["accelerate", "revert", "report", "AccelerationReport", "UnsupportedModelError",
-           "__version__"]
+           "export", "__version__"]
+
+
+def __getattr__(name):
+    # the exporters live in fastpatch.inference, imported on first use (import stays torch-only)
+    if name in ("export",):
+        from . import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'fastpatch' has no attribute {name!r}")

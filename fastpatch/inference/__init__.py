@@ -12,7 +12,7 @@ Nothing here imports transformers or fairseq: an exported model runs with torch 
 safetensors only. ``fi.Gpt.from_hf(model)`` and :func:`enable_generate` work on live models.
 """
 from .bert import Bert, EncoderOutput
-from .export import export
+from .exporter import export
 from .generation import GenerationOutput
 from .gpt import Gpt
 from .options import GenerationOptions

@@ -39,19 +39,22 @@ def check_tensors(expected: Mapping[str, Tuple[int, ...]], tensors: Mapping[str,
                   where: str) -> None:
     """``tensors`` must be exactly the names of ``expected``, with those shapes, one floating
     dtype and one device; raises ``ValueError`` naming the first offending tensor."""
-    for name, shape in expected.items():
-        if name not in tensors:
+    for name, shape in expected.items():  # in model order: the first bad tensor is reported
+        tensor = tensors.get(name)
+        if tensor is None:
             raise ValueError(f"{where}: tensor {name!r} is missing (expected shape {list(shape)})")
-    for name, tensor in tensors.items():
-        if name not in expected:
-            raise ValueError(f"{where}: unexpected tensor {name!r} (not part of this architecture)")
         if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
             raise ValueError(f"{where}: tensor {name!r} must be a floating-point tensor")
-        if tuple(tensor.shape) != tuple(expected[name]):
+        if tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"{where}: tensor {name!r} has shape {list(tensor.shape)}, but the "
-                             f"config implies {list(expected[name])}")
-    first_name, first = next(iter(tensors.items()))
-    for name, tensor in tensors.items():
+                             f"config implies {list(shape)}")
+    for name in tensors:
+        if name not in expected:
+            raise ValueError(f"{where}: unexpected tensor {name!r} (not part of this architecture)")
+    first_name = next(iter(expected))
+    first = tensors[first_name]
+    for name in expected:
+        tensor = tensors[name]
         if tensor.dtype != first.dtype or tensor.device != first.device:
             raise ValueError(f"{where}: tensor {name!r} is {tensor.dtype} on {tensor.device} but "
                              f"{first_name!r} is {first.dtype} on {first.device}")
