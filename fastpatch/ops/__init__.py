@@ -6,6 +6,7 @@ are reachable as ``torch.ops.fastpatch.*``.
 """
 from .attention import attention, kv_cache_append_, merge_heads, split_heads
 from .bias_activation_dropout import bias_activation_dropout
+from .cross_entropy import cross_entropy, fused_linear_cross_entropy, label_smoothed_cross_entropy
 
 __all__ = [
     "attention",
@@ -13,6 +14,9 @@ __all__ = [
     "merge_heads",
     "split_heads",
     "bias_activation_dropout",
+    "cross_entropy",
+    "fused_linear_cross_entropy",
+    "label_smoothed_cross_entropy",
 ]
 
 # (public op, CUDA kernels it uses); `fastpatch env` reports each one's path.
@@ -21,4 +25,7 @@ KERNELS = {
     "merge_heads": ("attn_merge_heads", "attn_split_heads"),
     "kv_cache_append_": ("attn_kv_cache_append",),
     "bias_activation_dropout": ("bias_act_dropout_fwd", "bias_act_dropout_bwd"),
+    "cross_entropy": ("cross_entropy_fwd", "cross_entropy_bwd"),
+    "label_smoothed_cross_entropy": ("cross_entropy_fwd", "cross_entropy_bwd"),
+    "fused_linear_cross_entropy": ("cross_entropy_fwd_grad_", "cross_entropy_fwd", "cross_entropy_bwd_"),
 }
