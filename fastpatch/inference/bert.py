@@ -22,7 +22,7 @@ from ..layers.functional import (LayerNormWeights, Projection, feed_forward, lay
                                  post_norm_residual)
 from ..ops.activations import canonical_activation
 from . import checkpoint
-from .graphs import CapturedCall, bucket
+from .graphs import CapturedCall, bucket, graphs_available
 from .inputs import token_batch
 
 ARCHITECTURE = "bert"
@@ -110,7 +110,7 @@ class BertEngine:
                             fc2=linear(f"layers.{i}.ffn.fc2"), ln2=norm(f"layers.{i}.ln2"))
                        for i in range(spec.num_layers)]
         self.device = t["embed.tokens"].device
-        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self.use_cuda_graph = use_cuda_graph and graphs_available(self.device)
         self._graphs: Dict[Tuple[int, int, bool], "_ForwardGraph"] = {}
 
     def forward(self, ids: Tensor, types: Tensor, padding: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
@@ -133,15 +133,15 @@ class BertEngine:
             pooled = torch.tanh(F.linear(x[:, 0], t["pooler.weight"], t["pooler.bias"]))
         return x, pooled
 
-    def run(self, ids: Tensor, types: Tensor, mask: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        """Forward of a validated batch; on CUDA through the bucket's graph (outputs copied out)."""
+    def run(self, ids: Tensor, types: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Forward of a validated batch (``mask`` None: no padding); on CUDA through the
+        bucket's graph, outputs copied out of its static buffers."""
         rows, length = ids.shape
-        padded = not bool(mask.all())
         if not self.use_cuda_graph:
-            return self.forward(ids, types, ~mask if padded else None)
+            return self.forward(ids, types, None if mask is None else ~mask)
         padded_rows = bucket(rows)
         padded_length = min(bucket(length, 16), self.spec.max_positions)
-        masked = padded or padded_length != length
+        masked = mask is not None or padded_length != length
         graph = self._graphs.get((padded_rows, padded_length, masked))
         if graph is None:
             graph = self._graphs[(padded_rows, padded_length, masked)] = \
@@ -153,7 +153,7 @@ class BertEngine:
         if masked:
             graph.padding.fill_(True)
             graph.padding[rows:] = False  # filler rows attend to themselves; their output is dropped
-            graph.padding[:rows, :length].copy_(~mask)
+            graph.padding[:rows, :length] = False if mask is None else ~mask
         hidden, pooled = graph.call()
         return hidden[:rows, :length].clone(), None if pooled is None else pooled[:rows].clone()
 
@@ -204,13 +204,12 @@ class Bert:
         """Encode ``input_ids [B, L]`` (tensor or rectangular list; ``attention_mask`` 0 = padding,
         any side). Returns the last hidden states ``[B, L, H]`` and the pooled ``[B, H]``."""
         with torch.inference_mode():
-            ids, mask, types = token_batch(input_ids, attention_mask, vocab_size=self.spec.vocab_size,
-                                           max_batch_size=self.max_batch_size, device=self.device,
-                                           type_ids=token_type_ids,
-                                           type_vocab_size=self.spec.type_vocab_size, left_align=False)
-            if ids.shape[1] > self.spec.max_positions:
-                raise ValueError(f"input_ids has {ids.shape[1]} tokens per row, more than the model's "
-                                 f"{self.spec.max_positions} positions")
-            if types is None:
-                types = torch.zeros_like(ids)
-            return EncoderOutput(*self.engine.run(ids, types, mask))
+            batch = token_batch(input_ids, attention_mask, vocab_size=self.spec.vocab_size,
+                                max_batch_size=self.max_batch_size, device=self.device,
+                                type_ids=token_type_ids, type_vocab_size=self.spec.type_vocab_size,
+                                left_align=False)
+            if batch.ids.shape[1] > self.spec.max_positions:
+                raise ValueError(f"input_ids has {batch.ids.shape[1]} tokens per row, more than the "
+                                 f"model's {self.spec.max_positions} positions")
+            types = torch.zeros_like(batch.ids) if batch.types is None else batch.types
+            return EncoderOutput(*self.engine.run(batch.ids, types, batch.mask if batch.padded else None))

@@ -33,7 +33,7 @@ from ..ops.activations import canonical_activation
 from . import checkpoint
 from .cache import KVArena
 from .generation import GenerativeModel
-from .graphs import CapturedCall, bucket
+from .graphs import CapturedCall, bucket, graphs_available
 from .inputs import token_batch
 from .options import GenerationOptions
 
@@ -141,7 +141,7 @@ class GptEngine:
         self.device, self.dtype = self.token_embedding.device, self.token_embedding.dtype
         self.arena = KVArena(spec.num_layers, spec.num_heads, spec.hidden_size // spec.num_heads,
                              self.dtype, self.device)
-        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self.use_cuda_graph = use_cuda_graph and graphs_available(self.device)
         self._graphs: Dict[Tuple[int, int], "_StepGraph"] = {}
 
     # ------------------------------------------------------------------------------ math
@@ -319,7 +319,7 @@ class Gpt(GenerativeModel):
         self.device = self.engine.device
 
     def _start(self, input_ids, attention_mask, options: GenerationOptions, expand: int):
-        ids, mask, _ = token_batch(input_ids, attention_mask, vocab_size=self.spec.vocab_size,
-                                   max_batch_size=self.max_batch_size, device=self.device)
-        session, logits = self.engine.start(ids, mask, options.max_new_tokens, expand)
-        return session, logits, ids.shape[0]
+        batch = token_batch(input_ids, attention_mask, vocab_size=self.spec.vocab_size,
+                            max_batch_size=self.max_batch_size, device=self.device)
+        session, logits = self.engine.start(batch.ids, batch.mask, options.max_new_tokens, expand)
+        return session, logits, batch.ids.shape[0]

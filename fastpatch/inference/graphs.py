@@ -7,15 +7,34 @@ the decoder step, batch x length for encoders) and feed it through static input 
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
+
+logger = logging.getLogger("fastpatch")
 
 
 def bucket(n: int, minimum: int = 1) -> int:
     """The power of two >= ``max(n, minimum)``: few shapes, each at most 2x the need."""
     n = max(n, minimum)
     return 1 << (n - 1).bit_length()
+
+
+def graphs_available(device: torch.device) -> bool:
+    """Whether steps on ``device`` can be captured: it is CUDA and the fused ops' CUDA kernels
+    are loaded. Without them the ops run their PyTorch references, and the KV-cache write's
+    (boolean indexing) syncs with the host, which capture forbids; the engine then runs eagerly
+    and says so once (``fastpatch env`` tells why the kernels are missing)."""
+    if device.type != "cuda":
+        return False
+    from ..ops._dispatch import kernel_for
+
+    if kernel_for("attn_kv_cache_append", torch.empty(1, device=device)) is None:
+        logger.warning("fastpatch.inference: CUDA kernels unavailable (see `fastpatch env`); "
+                       "decoding runs eagerly, without CUDA graphs")
+        return False
+    return True
 
 
 class CapturedCall:

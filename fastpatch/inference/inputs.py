@@ -6,10 +6,17 @@ out-of-vocabulary id would be a device-side assert that poisons the CUDA context
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+
+class TokenBatch(NamedTuple):
+    ids: Tensor              # [B, L] int64, padding positions set to 0
+    mask: Tensor             # [B, L] bool, True = token
+    types: Optional[Tensor]  # [B, L] int64 token type ids, or None
+    padded: bool             # some position is padding
 
 
 def _as_2d_tensor(name: str, value, dtype: torch.dtype) -> Tensor:
@@ -43,8 +50,8 @@ def _as_2d_tensor(name: str, value, dtype: torch.dtype) -> Tensor:
 
 def token_batch(input_ids, attention_mask=None, *, vocab_size: int, max_batch_size: int,
                 device: torch.device, type_ids=None, type_vocab_size: Optional[int] = None,
-                left_align: bool = True) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Validated ``(ids, mask, type_ids)`` on ``device``.
+                left_align: bool = True) -> "TokenBatch":
+    """A validated :class:`TokenBatch` on ``device``.
 
     Args:
         input_ids: ``[B, L]`` ints (tensor or rectangular list).
@@ -55,9 +62,7 @@ def token_batch(input_ids, attention_mask=None, *, vocab_size: int, max_batch_si
             holes are compacted, which is what Hugging Face's mask and position ids mean.
         type_ids: optional ``[B, L]`` token type (segment) ids below ``type_vocab_size``.
 
-    Returns:
-        ``ids`` int64 ``[B, L]`` (padding positions set to 0), ``mask`` bool ``[B, L]`` and
-        ``type_ids`` int64 or None, all on ``device``.
+    Every check costs one host sync in all (a CUDA tensor's values must be read once).
     """
     ids = _as_2d_tensor("input_ids", input_ids, torch.int64)
     batch, length = ids.shape
@@ -73,33 +78,40 @@ def token_batch(input_ids, attention_mask=None, *, vocab_size: int, max_batch_si
         if tuple(mask.shape) != (batch, length):
             raise ValueError(f"attention_mask must have the shape of input_ids {(batch, length)}, "
                              f"got {tuple(mask.shape)}")
-        if mask.dtype != torch.bool:
-            if ((mask != 0) & (mask != 1)).any():
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-            mask = mask != 0
         mask = mask.to(ids.device)
-        empty = (~mask.any(dim=1)).nonzero()
-        if empty.numel():
-            raise ValueError(f"attention_mask row {int(empty[0])} has no token")
-    real = ids[mask]
-    bad = ((real < 0) | (real >= vocab_size)).nonzero()
-    if bad.numel():
-        value = int(real[bad[0]])
-        raise ValueError(f"input_ids holds token id {value}, outside the vocabulary [0, {vocab_size})")
-    ids = ids.masked_fill(~mask, 0)
     types = None
     if type_ids is not None:
         types = _as_2d_tensor("token_type_ids", type_ids, torch.int64)
         if tuple(types.shape) != (batch, length):
             raise ValueError(f"token_type_ids must have the shape of input_ids {(batch, length)}, "
                              f"got {tuple(types.shape)}")
-        types = types.to(ids.device).masked_fill(~mask, 0)
-        if ((types < 0) | (types >= type_vocab_size)).any():
-            raise ValueError(f"token_type_ids must be in [0, {type_vocab_size})")
-    if left_align:
-        # stable sort of 0/1 keys: padding first, tokens after it in their original order
-        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
-        ids, mask = ids.gather(1, order), mask.gather(1, order)
-        types = None if types is None else types.gather(1, order)
+        types = types.to(ids.device)
+    # every check is a device-side flag, read back with one sync; details only on failure
+    no = torch.zeros((), dtype=torch.bool, device=ids.device)
+    bad_mask = ((mask != 0) & (mask != 1)).any() if mask.dtype != torch.bool else no
+    mask = mask != 0
+    out_of_vocab = ((ids < 0) | (ids >= vocab_size)) & mask
+    bad_types = no if types is None else (((types < 0) | (types >= type_vocab_size)) & mask).any()
+    flags = torch.stack([bad_mask, (~mask.any(dim=1)).any(), out_of_vocab.any(), bad_types,
+                         mask.all()]).tolist()
+    if flags[0]:
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    if flags[1]:
+        row = int((~mask.any(dim=1)).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} has no token")
+    if flags[2]:
+        value = int(ids[out_of_vocab][0])
+        raise ValueError(f"input_ids holds token id {value}, outside the vocabulary [0, {vocab_size})")
+    if flags[3]:
+        raise ValueError(f"token_type_ids must be in [0, {type_vocab_size})")
+    padded = not flags[4]
+    if padded:
+        ids = ids.masked_fill(~mask, 0)
+        types = None if types is None else types.masked_fill(~mask, 0)
+        if left_align:
+            # stable sort of 0/1 keys: padding first, tokens after it in their original order
+            order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+            ids, mask = ids.gather(1, order), mask.gather(1, order)
+            types = None if types is None else types.gather(1, order)
     ids, mask = ids.to(device), mask.to(device)
-    return ids, mask, None if types is None else types.to(device)
+    return TokenBatch(ids, mask, None if types is None else types.to(device), padded)

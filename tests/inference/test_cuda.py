@@ -1,0 +1,133 @@
+"""fi.Gpt / fi.Bert on the GPU: graph-replayed decoding, half precision, memory stability."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fastpatch  # noqa: E402
+import fastpatch.inference as fi  # noqa: E402
+from inference_models import PAD, bert, gpt2, left_padded, make_eos_likely  # noqa: E402
+from numerics import assert_within_factor_of_torch  # noqa: E402
+
+pytestmark = pytest.mark.cuda
+
+
+def _cuda(model, dtype):
+    return model.to("cuda", dtype)
+
+
+def _batch(vocab, batch, length, seed):
+    ids, mask = left_padded(vocab, batch=batch, length=length, seed=seed)
+    return ids.cuda(), mask.cuda()
+
+
+def test_decode_steps_are_graph_captured():
+    engine = fi.Gpt.from_hf(_cuda(gpt2(), torch.float32))
+    assert engine.engine.use_cuda_graph, "CUDA kernels missing: see `fastpatch env`"
+    ids, mask = _batch(101, 3, 6, 0)
+    engine.sample(ids, mask, max_new_tokens=5)
+    assert engine.engine._graphs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_greedy_tokens_identical_to_live_accelerated_model(dtype, tmp_path):
+    model = fastpatch.accelerate(_cuda(gpt2(n_layer=4, n_embd=128, vocab_size=512), dtype))
+    ids, mask = _batch(512, 4, 9, 1)
+    live = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                          pad_token_id=PAD)[:, ids.shape[1]:]
+    assert torch.equal(fi.Gpt.from_hf(model).sample(ids, mask, max_new_tokens=24), live)
+    path = fastpatch.export(model, str(tmp_path))
+    assert torch.equal(fi.Gpt(path, device="cuda").sample(ids, mask, max_new_tokens=24), live)
+
+
+def test_fp32_greedy_and_beam_identical_to_hf_on_cuda():
+    model = _cuda(make_eos_likely(gpt2()), torch.float32)
+    engine = fi.Gpt.from_hf(model)
+    ids, mask = _batch(101, 4, 7, 2)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                              pad_token_id=PAD)[:, 7:]
+    assert torch.equal(engine.sample(ids, mask, max_new_tokens=20), expected)
+    hf = model.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=4, pad_token_id=5,
+                        num_return_sequences=2, output_scores=True, return_dict_in_generate=True)
+    out = engine.generate(ids, mask, max_new_tokens=12, num_beams=4, pad_token_id=5, num_return_sequences=2)
+    assert torch.equal(out.tokens, hf.sequences[:, 7:])
+    torch.testing.assert_close(out.scores, hf.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_graph_replay_matches_eager_steps_over_many_changing_calls():
+    model = _cuda(make_eos_likely(gpt2(), delta=1.0), torch.float32)
+    graphed = fi.Gpt.from_hf(model, max_batch_size=8)
+    eager = fi.Gpt.from_hf(model, max_batch_size=8, use_cuda_graph=False)
+    g = torch.Generator().manual_seed(0)
+    for call in range(40):
+        batch = int(torch.randint(1, 9, (1,), generator=g))
+        length = int(torch.randint(1, 20, (1,), generator=g))
+        new = int(torch.randint(1, 40, (1,), generator=g))
+        ids, mask = _batch(101, batch, length, call)
+        kwargs = [dict(), dict(num_beams=3, num_return_sequences=2),
+                  dict(do_sample=True, top_k=10, seed=call)][call % 3]
+        if kwargs.get("num_beams") and batch > 2:
+            ids, mask = ids[:2], mask[:2]
+        a = graphed.generate(ids, mask, max_new_tokens=new, **kwargs)
+        b = eager.generate(ids, mask, max_new_tokens=new, **kwargs)
+        assert torch.equal(a.tokens, b.tokens), (call, batch, length, new, kwargs)
+
+
+def test_no_memory_growth_across_1000_calls():
+    engine = fi.Gpt.from_hf(_cuda(gpt2(), torch.float16), max_batch_size=4)
+    prompts = [_batch(101, 1 + i % 4, 3 + i % 11, i) for i in range(16)]
+    for ids, mask in prompts:  # capture every bucket the loop will use
+        engine.sample(ids, mask, max_new_tokens=8)
+        engine.sample(ids, mask, max_new_tokens=8, num_beams=2)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(1000):
+        ids, mask = prompts[i % len(prompts)]
+        engine.sample(ids, mask, max_new_tokens=8, **({"num_beams": 2} if i % 5 == 0 else {}))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+def test_streaming_on_cuda_yields_the_generated_tokens():
+    engine = fi.Gpt.from_hf(_cuda(gpt2(), torch.float16))
+    ids, mask = _batch(101, 2, 5, 3)
+    full = engine.sample(ids, mask, max_new_tokens=12)
+    assert torch.equal(torch.stack(list(engine.stream(ids, mask, max_new_tokens=12)), 1), full.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch, length", [(1, 1), (3, 37), (8, 128)])
+def test_bert_matches_hf_by_the_precision_rule(dtype, batch, length, tmp_path):
+    model = bert(max_position_embeddings=128)
+    reference = copy.deepcopy(model).double().cuda()
+    ours = fi.Bert(fastpatch.export(_cuda(copy.deepcopy(model), dtype), str(tmp_path)), device="cuda")
+    hf = _cuda(model, dtype)
+    ids, mask = left_padded(99, batch=batch, length=length, seed=length)
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        ref = reference(input_ids=ids, attention_mask=mask)
+        same = hf(input_ids=ids, attention_mask=mask)
+    for _ in range(2):  # the second call replays the captured graph
+        out = ours.infer(ids, mask)
+    m = mask[..., None]
+    assert_within_factor_of_torch(out.last_hidden_state.double() * m, same.last_hidden_state.double() * m,
+                                  ref.last_hidden_state * m, "last_hidden_state")
+    assert_within_factor_of_torch(out.pooler_output.double(), same.pooler_output.double(),
+                                  ref.pooler_output, "pooler_output")
+
+
+def test_bert_graph_and_eager_agree_across_shapes():
+    model = _cuda(bert(max_position_embeddings=128), torch.float32)
+    graphed = fi.Bert.from_hf(model, max_batch_size=16)
+    eager = fi.Bert.from_hf(model, max_batch_size=16, use_cuda_graph=False)
+    assert graphed.engine.use_cuda_graph
+    for batch, length, padded in [(1, 5, False), (16, 128, False), (5, 17, True), (16, 128, True), (2, 64, False)]:
+        ids, mask = left_padded(99, batch=batch, length=length, seed=batch,
+                                lengths=None if padded else [length] * batch)
+        ids, mask = ids.cuda(), mask.cuda()
+        a, b = graphed.infer(ids, mask), eager.infer(ids, mask)
+        m = mask[..., None]
+        torch.testing.assert_close(a.last_hidden_state * m, b.last_hidden_state * m, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.pooler_output, b.pooler_output, rtol=1e-5, atol=1e-5)
