@@ -15,6 +15,8 @@ from .bert import Bert, EncoderOutput
 from .exporter import export
 from .generation import GenerationOutput
 from .gpt import Gpt
+from .hf import enable_generate
 from .options import GenerationOptions
 
-__all__ = ["Gpt", "Bert", "EncoderOutput", "GenerationOptions", "GenerationOutput", "export"]
+__all__ = ["Gpt", "Bert", "EncoderOutput", "GenerationOptions", "GenerationOutput", "enable_generate",
+           "export"]

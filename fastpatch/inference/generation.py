@@ -76,7 +76,8 @@ class GenerativeModel:
             expand = opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences
             session, logits, batch = self._start(input_ids, attention_mask, opts, expand)
             generator = make_generator(opts, logits.device)
-            check_every = _CUDA_CHECK_EVERY if logits.device.type == "cuda" else 1
+            # recorded scores must stop exactly where the search does: check every step then
+            check_every = _CUDA_CHECK_EVERY if logits.device.type == "cuda" and not output_scores else 1
             if opts.num_beams > 1:
                 result = beam_search(session, logits, opts, batch, generator, fill_value=opts.pad,
                                      check_every=check_every, record_scores=output_scores)
