@@ -1,52 +1,51 @@
 // Attention glue around SDPA: head split/merge and the static KV-cache append.
 //
-//   split:  packed[b, l, c*H + h*d + j] (+ bias[c*H + h*d + j])  ->  heads[c][b, h, l, j]
-//   merge:  heads[c][b, h, l, j]  ->  packed[b, l, c*H + h*d + j]        (split's backward)
+//   split:  packed[b, l, c*H + h*d + j] (+ bias[c*H + h*d + j])  ->  heads[c, b, h, l, j]
+//   merge:  heads[c, b, h, l, j]  ->  packed[b, l, c*H + h*d + j]        (split's backward)
 //   append: cache[b, h, positions[b] + t, j] = new[b, h, t, j]
 //
 // All three are pure data movement (plus a bias add), so they are written for coalescing:
 // split/merge walk the packed row in order (fully coalesced on that side) and touch the head
-// side in runs of head_dim contiguous elements. The head side may have any batch/head/sequence
-// strides (SDPA's outputs and gradients are often transposed views); only the last dim must be
-// dense. 16-byte packs are used when head_dim, every stride and every base pointer allow it;
+// side in runs of head_dim contiguous elements. The head side may have any chunk/batch/head/
+// sequence strides (SDPA's outputs and gradients are often transposed views); only the last dim
+// must be dense. 16-byte packs are used when head_dim, every stride and every base pointer allow it;
 // otherwise a scalar path runs. Nothing here syncs with the host, so all of it graph-captures.
 #include "common.cuh"
 
 #include <climits>
-#include <vector>
 
 namespace fastpatch {
 namespace {
 
-// Chunks addressable by one launch; MAX_CHUNKS in fastpatch/ops/attention.py matches it.
-constexpr int kMaxChunks = 8;
-
-// Up to kMaxChunks tensors [B, heads, L, d] with a dense last dim; strides in elements.
+// The head side of a split/merge: [C, B, heads, L, d] with a dense last dim; strides in elements.
 template <typename scalar_t>
-struct HeadTensors {
-  scalar_t* ptr[kMaxChunks];
-  int64_t stride_b[kMaxChunks];
-  int64_t stride_h[kMaxChunks];
-  int64_t stride_l[kMaxChunks];
+struct HeadLayout {
+  scalar_t* ptr;
+  int64_t stride_c, stride_b, stride_h, stride_l;
 };
+
+template <typename scalar_t>
+HeadLayout<scalar_t> head_layout(const at::Tensor& t) {
+  return HeadLayout<scalar_t>{t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
 
 // Block = (threads along the packed row, rows); each thread moves packs of N elements.
 // A pack never straddles two heads because head_dim % N == 0 whenever N > 1.
 template <typename scalar_t, int N, bool kSplit>
 __global__ void permute_heads_kernel(scalar_t* packed, const scalar_t* __restrict__ bias,
-                                     HeadTensors<scalar_t> heads, int64_t rows, int64_t seq_len,
+                                     HeadLayout<scalar_t> heads, int64_t rows, int64_t seq_len,
                                      int row_width, int hidden, int head_dim) {
   const int64_t row = blockIdx.x * int64_t(blockDim.y) + threadIdx.y;
   if (row >= rows) return;
   const int64_t b = row / seq_len, l = row - b * seq_len;
   scalar_t* packed_row = packed + row * row_width;
+  scalar_t* head_row = heads.ptr + b * heads.stride_b + l * heads.stride_l;
   for (int col = threadIdx.x * N; col < row_width; col += blockDim.x * N) {
     const int c = col / hidden;
     const int within = col - c * hidden;
     const int h = within / head_dim;
     const int j = within - h * head_dim;
-    scalar_t* head = heads.ptr[c] + b * heads.stride_b[c] + h * heads.stride_h[c] +
-                     l * heads.stride_l[c] + j;
+    scalar_t* head = head_row + c * heads.stride_c + h * heads.stride_h + j;
     if constexpr (kSplit) {
       auto v = load_pack<scalar_t, N>(packed_row + col);
       if (bias != nullptr) {
@@ -63,28 +62,21 @@ __global__ void permute_heads_kernel(scalar_t* packed, const scalar_t* __restric
 }
 
 template <typename scalar_t>
-bool heads_vectorizable(const HeadTensors<scalar_t>& heads, int chunks, int head_dim,
-                        std::initializer_list<const void*> others) {
+bool heads_vectorizable(const HeadLayout<scalar_t>& heads, int head_dim, const void* packed,
+                        const void* bias) {
   constexpr int N = pack_size<scalar_t>();
-  if (head_dim % N != 0) return false;
-  for (int c = 0; c < chunks; ++c) {
-    if (!is_aligned(heads.ptr[c], 16) || heads.stride_b[c] % N != 0 || heads.stride_h[c] % N != 0 ||
-        heads.stride_l[c] % N != 0)
-      return false;
-  }
-  for (const void* p : others)
-    if (p != nullptr && !is_aligned(p, 16)) return false;
-  return true;
+  return head_dim % N == 0 && is_aligned(heads.ptr, 16) && heads.stride_c % N == 0 &&
+         heads.stride_b % N == 0 && heads.stride_h % N == 0 && heads.stride_l % N == 0 &&
+         is_aligned(packed, 16) && (bias == nullptr || is_aligned(bias, 16));
 }
 
 template <typename scalar_t, bool kSplit>
-void launch_permute(scalar_t* packed, const scalar_t* bias, const HeadTensors<scalar_t>& heads,
+void launch_permute(scalar_t* packed, const scalar_t* bias, const HeadLayout<scalar_t>& heads,
                     int chunks, int64_t rows, int64_t seq_len, int hidden, int head_dim) {
   const int row_width = chunks * hidden;
-  const bool vec = heads_vectorizable(heads, chunks, head_dim, {packed, bias});
-  const int width = vec ? pack_size<scalar_t>() : 1;
-  const int packs = row_width / width;
-  // Enough threads along x to cover a row in one sweep (up to 256), the rest of the block
+  const bool vec = heads_vectorizable(heads, head_dim, packed, bias);
+  const int packs = row_width / (vec ? pack_size<scalar_t>() : 1);
+  // Enough threads along x to cover a row in one sweep (up to 256); the rest of the block
   // takes further rows, so narrow rows (one small head) still fill the block.
   constexpr int kThreads = 256;
   int tx = 32;
@@ -104,14 +96,15 @@ void launch_permute(scalar_t* packed, const scalar_t* bias, const HeadTensors<sc
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::vector<at::Tensor> attn_split_heads(const at::Tensor& qkv, const c10::optional<at::Tensor>& bias,
-                                         int64_t num_heads, int64_t num_chunks) {
+// [B, L, C*H] (+ bias) -> contiguous [C, B, heads, L, d].
+at::Tensor attn_split_heads(const at::Tensor& qkv, const c10::optional<at::Tensor>& bias,
+                            int64_t num_heads, int64_t num_chunks) {
   FP_CHECK_INPUT(qkv);
   TORCH_CHECK(qkv.dim() == 3, "qkv must be [B, L, num_chunks * H]");
-  TORCH_CHECK(num_chunks >= 1 && num_chunks <= kMaxChunks, "num_chunks must be in [1, ", kMaxChunks, "]");
   const int64_t batch = qkv.size(0), seq_len = qkv.size(1), width = qkv.size(2);
   TORCH_CHECK(width <= INT_MAX, "qkv's last dim is too large");
-  TORCH_CHECK(num_heads > 0 && width % num_chunks == 0 && (width / num_chunks) % num_heads == 0,
+  TORCH_CHECK(num_chunks > 0 && num_heads > 0 && width % num_chunks == 0 &&
+                  (width / num_chunks) % num_heads == 0,
               "num_heads and num_chunks must divide qkv's last dim");
   if (bias.has_value()) {
     FP_CHECK_INPUT(*bias);
@@ -121,53 +114,32 @@ std::vector<at::Tensor> attn_split_heads(const at::Tensor& qkv, const c10::optio
   const int hidden = static_cast<int>(width / num_chunks);
   const int head_dim = hidden / static_cast<int>(num_heads);
   c10::cuda::CUDAGuard guard(qkv.device());
-  std::vector<at::Tensor> outs;
-  for (int64_t c = 0; c < num_chunks; ++c) outs.push_back(at::empty({batch, num_heads, seq_len, head_dim}, qkv.options()));
-  if (qkv.numel() == 0) return outs;
+  auto out = at::empty({num_chunks, batch, num_heads, seq_len, head_dim}, qkv.options());
+  if (out.numel() == 0) return out;
   FP_DISPATCH_FLOAT(qkv.scalar_type(), "attn_split_heads", [&] {
-    HeadTensors<scalar_t> heads{};
-    for (int c = 0; c < num_chunks; ++c) {
-      heads.ptr[c] = outs[c].data_ptr<scalar_t>();
-      heads.stride_b[c] = outs[c].stride(0);
-      heads.stride_h[c] = outs[c].stride(1);
-      heads.stride_l[c] = outs[c].stride(2);
-    }
     launch_permute<scalar_t, true>(qkv.data_ptr<scalar_t>(),
-                                   bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, heads,
-                                   static_cast<int>(num_chunks), batch * seq_len, seq_len, hidden, head_dim);
+                                   bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+                                   head_layout<scalar_t>(out), static_cast<int>(num_chunks),
+                                   batch * seq_len, seq_len, hidden, head_dim);
   });
-  return outs;
+  return out;
 }
 
-at::Tensor attn_merge_heads(at::TensorList xs) {
-  TORCH_CHECK(!xs.empty() && xs.size() <= static_cast<size_t>(kMaxChunks),
-              "merge_heads takes 1 to ", kMaxChunks, " tensors");
-  const at::Tensor& first = xs[0];
-  for (const auto& x : xs) {
-    FP_CHECK_CUDA(x);
-    TORCH_CHECK(x.dim() == 4 && x.sizes() == first.sizes(), "merge_heads: every input must be [B, heads, L, d] of one shape");
-    TORCH_CHECK(x.scalar_type() == first.scalar_type() && x.device() == first.device(),
-                "merge_heads: inputs must share dtype and device");
-    TORCH_CHECK(x.stride(3) == 1 || x.size(3) == 1, "merge_heads: inputs must be dense in the last dim");
-  }
-  const int64_t batch = first.size(0), num_heads = first.size(1), seq_len = first.size(2),
-                head_dim = first.size(3);
-  const int chunks = static_cast<int>(xs.size());
+// [C, B, heads, L, d] (any strides, dense last dim) -> contiguous [B, L, C*heads*d].
+at::Tensor attn_merge_heads(const at::Tensor& x) {
+  FP_CHECK_CUDA(x);
+  TORCH_CHECK(x.dim() == 5, "merge_heads: x must be [C, B, heads, L, d]");
+  TORCH_CHECK(x.stride(4) == 1 || x.size(4) == 1, "merge_heads: x must be dense in its last dim");
+  const int64_t chunks = x.size(0), batch = x.size(1), num_heads = x.size(2), seq_len = x.size(3),
+                head_dim = x.size(4);
   TORCH_CHECK(chunks * num_heads * head_dim <= INT_MAX, "merge_heads: rows are too wide");
-  c10::cuda::CUDAGuard guard(first.device());
-  auto out = at::empty({batch, seq_len, chunks * num_heads * head_dim}, first.options());
+  c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty({batch, seq_len, chunks * num_heads * head_dim}, x.options());
   if (out.numel() == 0) return out;
-  FP_DISPATCH_FLOAT(first.scalar_type(), "attn_merge_heads", [&] {
-    HeadTensors<scalar_t> heads{};
-    for (int c = 0; c < chunks; ++c) {
-      heads.ptr[c] = xs[c].data_ptr<scalar_t>();
-      heads.stride_b[c] = xs[c].stride(0);
-      heads.stride_h[c] = xs[c].stride(1);
-      heads.stride_l[c] = xs[c].stride(2);
-    }
-    launch_permute<scalar_t, false>(out.data_ptr<scalar_t>(), nullptr, heads, chunks, batch * seq_len,
-                                    seq_len, static_cast<int>(num_heads * head_dim),
-                                    static_cast<int>(head_dim));
+  FP_DISPATCH_FLOAT(x.scalar_type(), "attn_merge_heads", [&] {
+    launch_permute<scalar_t, false>(out.data_ptr<scalar_t>(), nullptr, head_layout<scalar_t>(x),
+                                    static_cast<int>(chunks), batch * seq_len, seq_len,
+                                    static_cast<int>(num_heads * head_dim), static_cast<int>(head_dim));
   });
   return out;
 }
@@ -284,9 +256,9 @@ void attn_kv_cache_append(at::Tensor& cache_k, at::Tensor& cache_v, const at::Te
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastpatch_cuda, m) {
-  m.def("attn_split_heads(Tensor qkv, Tensor? bias, int num_heads, int num_chunks) -> Tensor[]",
+  m.def("attn_split_heads(Tensor qkv, Tensor? bias, int num_heads, int num_chunks) -> Tensor",
         &attn_split_heads);
-  m.def("attn_merge_heads(Tensor[] xs) -> Tensor", &attn_merge_heads);
+  m.def("attn_merge_heads(Tensor x) -> Tensor", &attn_merge_heads);
   m.def("attn_kv_cache_append(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k, Tensor v, "
         "Tensor positions) -> ()",
         &attn_kv_cache_append);

@@ -16,7 +16,7 @@ Split and merge are each other's backward, so two kernels serve four directions.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,33 +26,30 @@ from ._autograd_utils import accumulation_dtype, sum_to_bias
 from ._checks import check_index_tensor, check_like, check_probability, check_positive, check_tensor
 from ._dispatch import kernel_for
 
-# The kernels address the chunks of one call through a fixed-size array of pointers
-# (csrc/attention.cu, kMaxChunks); the fused Q/K/V case needs 3.
-MAX_CHUNKS = 8
-
 
 # ------------------------------------------------------------------------------ split / merge
-def _reference_split(qkv: Tensor, bias: Optional[Tensor], num_heads: int,
-                     num_chunks: int) -> List[Tensor]:
+# Both ops take and return single tensors, with the chunks stacked in front ([C, B, h, L, d]):
+# list-valued custom ops pay pytree (un)flattening on every call and in autograd, which
+# measured about as much CPU time as the rest of the op's dispatch.
+def _reference_split(qkv: Tensor, bias: Optional[Tensor], num_heads: int, num_chunks: int) -> Tensor:
     batch, seq, width = qkv.shape
-    head_dim = width // (num_chunks * num_heads)
     x = qkv
     if bias is not None:
         x = (qkv.to(accumulation_dtype(qkv.dtype)) + bias.to(accumulation_dtype(qkv.dtype))).to(qkv.dtype)
-    heads = x.view(batch, seq, num_chunks, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    # clone, not contiguous(): a custom op's outputs may not alias its input (L == 1 is contiguous)
-    return [heads[c].clone(memory_format=torch.contiguous_format) for c in range(num_chunks)]
+    heads = x.view(batch, seq, num_chunks, num_heads, width // (num_chunks * num_heads))
+    # clone, not contiguous(): a custom op's output may not alias its input
+    return heads.permute(2, 0, 3, 1, 4).clone(memory_format=torch.contiguous_format)
 
 
-def _reference_merge(xs: Sequence[Tensor]) -> Tensor:
-    batch, heads, seq, head_dim = xs[0].shape
-    return torch.cat([x.transpose(1, 2).reshape(batch, seq, heads * head_dim) for x in xs], dim=-1)
+def _reference_merge(x: Tensor) -> Tensor:
+    chunks, batch, heads, seq, head_dim = x.shape
+    merged = x.permute(1, 3, 0, 2, 4).clone(memory_format=torch.contiguous_format)
+    return merged.view(batch, seq, chunks * heads * head_dim)
 
 
 @torch.library.custom_op("fastpatch::split_heads", mutates_args=())
-def split_heads_op(qkv: Tensor, bias: Optional[Tensor], num_heads: int,
-                   num_chunks: int) -> List[Tensor]:
-    """``[B, L, C*H]`` (+ ``[C*H]`` bias) -> ``C`` contiguous ``[B, heads, L, H/heads]`` tensors."""
+def split_heads_op(qkv: Tensor, bias: Optional[Tensor], num_heads: int, num_chunks: int) -> Tensor:
+    """``[B, L, C*H]`` (+ ``[C*H]`` bias) -> contiguous ``[C, B, heads, L, H/heads]``."""
     kernel = kernel_for("attn_split_heads", qkv, bias)
     if kernel is not None:
         return kernel(qkv.contiguous(), None if bias is None else bias.contiguous(), num_heads, num_chunks)
@@ -62,39 +59,34 @@ def split_heads_op(qkv: Tensor, bias: Optional[Tensor], num_heads: int,
 @split_heads_op.register_fake
 def _(qkv, bias, num_heads, num_chunks):
     batch, seq, width = qkv.shape
-    head_dim = width // (num_chunks * num_heads)
-    return [qkv.new_empty(batch, num_heads, seq, head_dim) for _ in range(num_chunks)]
+    return qkv.new_empty(num_chunks, batch, num_heads, seq, width // (num_chunks * num_heads))
 
 
 @torch.library.custom_op("fastpatch::merge_heads", mutates_args=())
-def merge_heads_op(xs: List[Tensor]) -> Tensor:
-    """``C`` tensors ``[B, heads, L, d]`` (any strides) -> ``[B, L, C*heads*d]``, chunk-major."""
-    kernel = kernel_for("attn_merge_heads", *xs)
+def merge_heads_op(x: Tensor) -> Tensor:
+    """``[C, B, heads, L, d]`` (any strides) -> contiguous ``[B, L, C*heads*d]``, chunk-major."""
+    kernel = kernel_for("attn_merge_heads", x)
     if kernel is not None:
-        # the kernel reads any batch/head/sequence strides; only the last dim must be dense
-        return kernel([x if x.stride(-1) == 1 else x.contiguous() for x in xs])
-    return _reference_merge(xs)
+        # the kernel reads any chunk/batch/head/sequence strides; only the last dim must be dense
+        return kernel(x if x.stride(-1) == 1 else x.contiguous())
+    return _reference_merge(x)
 
 
 @merge_heads_op.register_fake
-def _(xs):
-    batch, heads, seq, head_dim = xs[0].shape
-    return xs[0].new_empty(batch, seq, len(xs) * heads * head_dim)
+def _(x):
+    chunks, batch, heads, seq, head_dim = x.shape
+    return x.new_empty(batch, seq, chunks * heads * head_dim)
 
 
 def _split_setup_context(ctx, inputs, output):
-    _, bias, num_heads, num_chunks = inputs
-    ctx.has_bias = bias is not None
+    _, bias, _, _ = inputs
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _split_backward(ctx, grads):
-    # grads of unused chunks arrive as None under some tracers; merge needs all of them
-    like = next(g for g in grads if g is not None)
-    grads = [torch.zeros_like(like) if g is None else g for g in grads]
-    grad_qkv = merge_heads_op(grads)
+def _split_backward(ctx, grad):
+    grad_qkv = merge_heads_op(grad)
     grad_bias = None
-    if ctx.has_bias and ctx.needs_input_grad[1]:
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
         grad_bias = sum_to_bias(grad_qkv, ctx.bias_dtype)
     return grad_qkv, grad_bias, None, None
 
@@ -103,8 +95,8 @@ split_heads_op.register_autograd(_split_backward, setup_context=_split_setup_con
 
 
 def _merge_setup_context(ctx, inputs, output):
-    (xs,) = inputs
-    ctx.num_chunks, ctx.num_heads = len(xs), xs[0].shape[1]
+    (x,) = inputs
+    ctx.num_chunks, ctx.num_heads = x.shape[0], x.shape[2]
 
 
 def _merge_backward(ctx, grad_out):
@@ -119,37 +111,38 @@ def split_heads(qkv: Tensor, bias: Optional[Tensor], num_heads: int,
     """Add the projection bias and split a fused projection output into attention heads.
 
     ``qkv[b, l, c*H + h*d + j] (+ bias[c*H + h*d + j])`` goes to ``out[c][b, h, l, j]``, in one
-    kernel that writes every output contiguous; backward merges the head gradients back in one
+    kernel that writes every chunk contiguous; backward merges the head gradients back in one
     kernel (and reduces the bias gradient).
 
     When to use it: eager PyTorch already expresses the split as a free view
-    (``qkv.view(B, L, C, heads, d).permute(2, 0, 3, 1, 4)``), and ``nn.Linear`` adds the bias
-    inside the matmul, and SDPA accepts such strided views. This op pays for itself only where
-    the bias is *not* folded into the matmul (a bias-free GEMM followed by this op) or where a
-    consumer needs contiguous ``[B, heads, L, d]`` tensors (e.g. a KV cache write); the layer
-    code picks whichever ``benchmarks/bench_attention.py`` shows faster.
+    (``qkv.view(B, L, C, heads, d).permute(2, 0, 3, 1, 4)``), ``nn.Linear`` adds the bias inside
+    the matmul, and SDPA accepts such strided views. This op pays for itself only where the bias
+    is *not* folded into the matmul (a bias-free GEMM followed by this op) or where the consumer
+    wants contiguous ``[B, heads, L, d]`` tensors (SDPA backends that copy strided inputs, a KV
+    cache write); the layer code picks whichever ``benchmarks/bench_attention.py`` shows faster.
 
     Args:
         qkv: ``[B, L, num_chunks * H]``, fp32/fp16/bf16 (fp64 runs the reference, for gradcheck).
         bias: ``[num_chunks * H]`` with ``qkv``'s dtype and device, or None.
         num_heads: heads per chunk; must divide ``H``.
         num_chunks: 3 for a fused Q/K/V projection, 2 for fused K/V (cross-attention), 1 for a
-            lone projection; at most ``MAX_CHUNKS``.
+            lone projection.
 
     Returns:
-        A tuple of ``num_chunks`` contiguous tensors ``[B, num_heads, L, H // num_heads]``.
+        A tuple of ``num_chunks`` contiguous tensors ``[B, num_heads, L, H // num_heads]``. They
+        are views of one buffer (``unbind``), so autograd forbids modifying them in place; use
+        out-of-place ops (``q = q * s``) on them.
     """
     check_tensor("qkv", qkv, ndim=3)
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int):
         raise TypeError(f"num_chunks must be an int, got {type(num_chunks).__name__}")
-    if not 1 <= num_chunks <= MAX_CHUNKS:
-        raise ValueError(f"num_chunks must be in [1, {MAX_CHUNKS}], got {num_chunks}")
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
     if qkv.shape[-1] % num_chunks != 0:
         raise ValueError(f"qkv's last dim {qkv.shape[-1]} is not divisible by num_chunks={num_chunks}")
-    hidden = qkv.shape[-1] // num_chunks
-    _check_heads(num_heads, hidden)
+    _check_heads(num_heads, qkv.shape[-1] // num_chunks)
     check_like("bias", bias, "qkv", qkv, shape=(qkv.shape[-1],))
-    return tuple(split_heads_op(qkv, bias, num_heads, num_chunks))
+    return split_heads_op(qkv, bias, num_heads, num_chunks).unbind(0)
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -171,7 +164,7 @@ def merge_heads(x: Tensor) -> Tensor:
     transposed = x.transpose(1, 2)
     if transposed.is_contiguous():
         return transposed.reshape(batch, seq, heads * head_dim)
-    return merge_heads_op([x])
+    return merge_heads_op(x.unsqueeze(0))
 
 
 def _check_heads(num_heads, hidden: int) -> None:
@@ -185,6 +178,18 @@ def _check_heads(num_heads, hidden: int) -> None:
 def _lower_right_causal(q_len: int, kv_len: int, device: torch.device) -> Tensor:
     """``[Lq, S]`` bool, True where query ``i`` may attend key ``j``: ``j <= S - Lq + i``."""
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+
+
+def _check_key_padding_mask(key_padding_mask, q: Tensor, shape: Tuple[int, int]) -> None:
+    if not isinstance(key_padding_mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}")
+    if key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    if tuple(key_padding_mask.shape) != tuple(shape):
+        raise ValueError(f"key_padding_mask must have shape [B, S] = {list(shape)}, "
+                         f"got {tuple(key_padding_mask.shape)}")
 
 
 def _check_attn_mask(attn_mask: Tensor, q: Tensor, shape: Tuple[int, int, int, int]) -> None:
@@ -289,25 +294,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     # opened to all keys, which keeps every backend's forward and backward finite, and their
     # output is then zeroed, which also zeroes the gradient flowing through them.
     if mask.dtype == torch.bool:
-        row_ok = mask.any(dim=-1, keepdim=True)
-        mask = mask | row_ok.logical_not()
+        dead = mask.any(dim=-1, keepdim=True).logical_not()
+        mask = mask | dead
     else:
-        row_ok = (mask != float("-inf")).any(dim=-1, keepdim=True)
-        mask = mask.masked_fill(row_ok.logical_not(), 0.0)
+        dead = (mask == float("-inf")).all(dim=-1, keepdim=True)
+        mask = mask.masked_fill(dead, 0.0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
-    return out.masked_fill(row_ok.logical_not(), 0.0)
-
-
-def _check_key_padding_mask(key_padding_mask, q: Tensor, shape: Tuple[int, int]) -> None:
-    if not isinstance(key_padding_mask, Tensor):
-        raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
-    if key_padding_mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}")
-    if key_padding_mask.device != q.device:
-        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-    if tuple(key_padding_mask.shape) != tuple(shape):
-        raise ValueError(f"key_padding_mask must have shape [B, S] = {list(shape)}, "
-                         f"got {tuple(key_padding_mask.shape)}")
+    return out.masked_fill(dead, 0.0)
 
 
 # ----------------------------------------------------------------------------------- KV cache
@@ -329,7 +322,9 @@ def kv_cache_append_op(cache_k: Tensor, cache_v: Tensor, k: Tensor, v: Tensor,
     """``cache[b, :, positions[b] + t] = new[b, :, t]`` for keys and values, in place."""
     kernel = kernel_for("attn_kv_cache_append", cache_k, cache_v, k, v, positions)
     if kernel is not None:
-        kernel(cache_k, cache_v, k, v, positions)
+        # any batch/head/token strides are read directly; only the last dim must be dense
+        kernel(cache_k, cache_v, k if k.stride(-1) == 1 else k.contiguous(),
+               v if v.stride(-1) == 1 else v.contiguous(), positions)
         return
     _reference_kv_cache_append(cache_k, cache_v, k, v, positions)
 

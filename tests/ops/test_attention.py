@@ -353,9 +353,8 @@ def test_opcheck():
     qkv = torch.randn(2, 3, 12, requires_grad=True)
     bias = torch.randn(12, requires_grad=True)
     torch.library.opcheck(torch.ops.fastpatch.split_heads.default, (qkv, bias, 2, 3))
-    xs = [torch.randn(2, 2, 3, 4, requires_grad=True), torch.randn(2, 2, 3, 4).transpose(2, 1).contiguous()
-          .transpose(2, 1)]
-    torch.library.opcheck(torch.ops.fastpatch.merge_heads.default, (xs,))
+    x = torch.randn(3, 2, 5, 2, 4).permute(0, 1, 3, 2, 4).requires_grad_(True)  # [C, B, h, L, d], strided
+    torch.library.opcheck(torch.ops.fastpatch.merge_heads.default, (x,))
     cache_k, cache_v = torch.zeros(2, 3, 8, 4), torch.zeros(2, 3, 8, 4)
     new = (torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4), torch.tensor([1, 5]))
     torch.library.opcheck(torch.ops.fastpatch.kv_cache_append.default, (cache_k, cache_v) + new)
@@ -510,6 +509,20 @@ def test_cuda_kv_cache_append_matches_index_assignment(dtype, d, strided):
         expected_k, expected_v = naive_append(cache_k, k, pos), naive_append(cache_v, v, pos)
         kv_cache_append_(cache_k, cache_v, k, v, pos)
         assert torch.equal(cache_k, expected_k) and torch.equal(cache_v, expected_v)
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck():
+    _require_kernel("attn_split_heads", torch.empty(1, device="cuda"))
+    qkv = torch.randn(2, 3, 48, device="cuda", dtype=torch.float16, requires_grad=True)
+    bias = torch.randn(48, device="cuda", dtype=torch.float16, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastpatch.split_heads.default, (qkv, bias, 2, 3))
+    x = torch.randn(3, 2, 5, 2, 8, device="cuda").permute(0, 1, 3, 2, 4).requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastpatch.merge_heads.default, (x,))
+    cache_k, cache_v = torch.zeros(2, 3, 8, 16, device="cuda"), torch.zeros(2, 3, 8, 16, device="cuda")
+    new = (torch.randn(2, 3, 2, 16, device="cuda"), torch.randn(2, 3, 2, 16, device="cuda"),
+           torch.tensor([1, 5], device="cuda"))
+    torch.library.opcheck(torch.ops.fastpatch.kv_cache_append.default, (cache_k, cache_v) + new)
 
 
 @pytest.mark.cuda
