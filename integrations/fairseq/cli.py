@@ -1,0 +1,88 @@
+"""``lightseq-train``, ``lightseq-generate``, ``lightseq-interactive``: fairseq's own commands.
+
+Each runs fairseq's ``cli_main`` (``fairseq_cli.train`` / ``generate`` / ``interactive``) with
+every flag the user gave, plus:
+
+* ``--user-dir`` pointing at fastpatch's module (``ls_transformer*``, ``ls_adam``,
+  ``ls_label_smoothed_cross_entropy``), unless the user passes a ``--user-dir`` of their own;
+* every model fairseq builds accelerated with ``fastpatch.accelerate`` (plain
+  ``--arch transformer_*`` too, and models loaded from checkpoints for generation), the report
+  in the log;
+* fairseq's checkpoints loadable under torch >= 2.6 (its pickled types allow-listed; safe loading
+  stays on).
+
+``lightseq-train --demo`` runs the bundled demo instead (see :mod:`.demo`). Without the console
+scripts installed: ``python -m fastpatch.integrations.fairseq.cli train|generate|interactive ...``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import sys
+from typing import List, Optional, Sequence
+
+from . import USER_DIR, hooks
+
+logger = logging.getLogger("fastpatch.fairseq")
+
+
+def _has_user_dir(argv: Sequence[str]) -> bool:
+    return any(a == "--user-dir" or a.startswith("--user-dir=") for a in argv)
+
+
+@contextlib.contextmanager
+def _argv(argv: List[str]):
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _run(fairseq_module: str, prog: str, argv: Optional[Sequence[str]]) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = importlib.import_module(fairseq_module)
+    from .registry import register
+
+    register()  # in this process as well: the user may bring their own --user-dir
+    if _has_user_dir(argv):
+        logger.warning("%s: using your --user-dir; fastpatch's modules are registered in this "
+                       "process only, so for multi-GPU runs call "
+                       "fastpatch.integrations.fairseq.registry.register() from your user dir", prog)
+    else:
+        argv = ["--user-dir", USER_DIR] + argv
+    with hooks.accelerate_built_models(), _argv([prog] + argv):
+        command.cli_main()
+
+
+def train(argv: Optional[Sequence[str]] = None) -> None:
+    """``fairseq-train`` with fused layers; ``--demo`` runs the bundled demo."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--demo" in args:
+        from .demo import main as demo_main
+
+        args.remove("--demo")
+        demo_main(args)
+        return
+    _run("fairseq_cli.train", "lightseq-train", args)
+
+
+def generate(argv: Optional[Sequence[str]] = None) -> None:
+    """``fairseq-generate`` with the fused decoder."""
+    _run("fairseq_cli.generate", "lightseq-generate", argv)
+
+
+def interactive(argv: Optional[Sequence[str]] = None) -> None:
+    """``fairseq-interactive`` with the fused decoder."""
+    _run("fairseq_cli.interactive", "lightseq-interactive", argv)
+
+
+_COMMANDS = {"train": train, "generate": generate, "interactive": interactive}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
+        sys.exit(f"usage: python -m fastpatch.integrations.fairseq.cli "
+                 f"{{{','.join(_COMMANDS)}}} [fairseq arguments]")
+    _COMMANDS[sys.argv[1]](sys.argv[2:])
