@@ -1,0 +1,306 @@
+"""LSTransformer against a plain-PyTorch encoder-decoder (fairseq-style layers from
+tests/layers/plain_layers.py, LightSeq's embedding written here) from the same init: a 50-step
+training run on a copy task, incremental decoding, greedy and beam-search generation."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastpatch.layers import fairseq_layer_map
+from fastpatch.training import LSAdam, LSCrossEntropyLayer, LSTransformer
+from layers.plain_layers import FairseqDecoderLayer, FairseqEncoderLayer, randomize_
+from numerics import assert_close_relative
+
+VOCAB, PAD, EOS = 24, 1, 2
+H, HEADS, FFN = 32, 4, 64
+
+
+def sinusoid(positions, dim):
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000) / (half - 1)))
+    angles = positions.float().unsqueeze(-1) * freq
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class PlainTransformer(nn.Module):
+    """LightSeq's Transformer in plain PyTorch: sqrt(H)-scaled token embedding plus a sinusoid
+    of the number of non-pad tokens before each token (offset by the decoding step), fairseq
+    layers, a final LayerNorm on each side, and the output projection tied to the target
+    embedding."""
+
+    def __init__(self, pre_ln, activation="relu", layers=2):
+        super().__init__()
+        kw = dict(normalize_before=pre_ln, activation=activation)
+        self.src_embed = nn.Embedding(VOCAB, H, padding_idx=PAD)
+        self.tgt_embed = nn.Embedding(VOCAB, H, padding_idx=PAD)
+        self.encoder_layers = nn.ModuleList(FairseqEncoderLayer(H, HEADS, FFN, **kw)
+                                            for _ in range(layers))
+        self.decoder_layers = nn.ModuleList(FairseqDecoderLayer(H, HEADS, FFN, **kw)
+                                            for _ in range(layers))
+        self.encoder_norm, self.decoder_norm = nn.LayerNorm(H), nn.LayerNorm(H)
+
+    def embed(self, table, tokens, start=0):
+        real = tokens.ne(PAD).long()
+        positions = torch.cumsum(real, 1) - real + start
+        return math.sqrt(H) * table(tokens) + sinusoid(positions, H)
+
+    def encode(self, src):
+        mask = src.eq(PAD)
+        x = self.embed(self.src_embed, src)
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return self.encoder_norm(x), mask
+
+    def decode(self, tgt, enc, mask):
+        x = self.embed(self.tgt_embed, tgt)
+        for layer in self.decoder_layers:
+            x = layer(x, enc, mask)
+        return self.decoder_norm(x) @ self.tgt_embed.weight.t()
+
+    def forward(self, src, tgt):
+        return self.decode(tgt, *self.encode(src))
+
+
+def config(pre_ln, activation="relu", layers=2, dropout=0.0):
+    return LSTransformer.get_config(
+        max_batch_tokens=64, max_seq_len=8,  # hints only: the batches below exceed them
+        hidden_size=H, intermediate_size=FFN, nhead=HEADS, attn_prob_dropout_ratio=dropout,
+        activation_dropout_ratio=dropout, hidden_dropout_ratio=dropout, pre_layer_norm=pre_ln,
+        activation_fn=activation, fp16=False, local_rank=-1, vocab_size=VOCAB, padding_idx=PAD,
+        num_encoder_layer=layers, num_decoder_layer=layers)
+
+
+def fused_copy_of(plain, pre_ln, activation="relu"):
+    model = LSTransformer(config(pre_ln, activation, len(plain.encoder_layers)))
+    with torch.no_grad():
+        model.encoder.embed_tokens.embeddings.copy_(plain.src_embed.weight)
+        model.decoder.embed_tokens.embeddings.copy_(plain.tgt_embed.weight)
+        for fused_norm, plain_norm in ((model.encoder.layer_norm, plain.encoder_norm),
+                                       (model.decoder.layer_norm, plain.decoder_norm)):
+            fused_norm.load_state_dict(plain_norm.state_dict())
+    for fused, source in zip([*model.encoder.layers, *model.decoder.layers],
+                             [*plain.encoder_layers, *plain.decoder_layers]):
+        fairseq_layer_map(fused.config).load_into(fused, source)
+    return model
+
+
+def copy_batch(generator, batch=8, max_len=9):
+    """Source: random tokens, right-padded; target: the same tokens then EOS; decoder input:
+    EOS (fairseq's BOS) then the tokens."""
+    lengths = torch.randint(2, max_len, (batch,), generator=generator)
+    src = torch.full((batch, max_len), PAD)
+    for i, n in enumerate(lengths.tolist()):
+        src[i, :n] = torch.randint(3, VOCAB, (n,), generator=generator)
+    target = torch.full((batch, max_len + 1), PAD)
+    prev = torch.full((batch, max_len + 1), PAD)
+    for i, n in enumerate(lengths.tolist()):
+        target[i, :n], target[i, n] = src[i, :n], EOS
+        prev[i, 0], prev[i, 1:n + 1] = EOS, src[i, :n]
+    return src, prev, target
+
+
+def fairseq_loss(logits, target, epsilon):
+    """fairseq's label_smoothed_nll_loss, summed over non-pad targets."""
+    lprobs = F.log_softmax(logits.float(), dim=-1).view(-1, logits.shape[-1])
+    target = target.reshape(-1, 1)
+    nll = -lprobs.gather(1, target)
+    smooth = -lprobs.sum(1, keepdim=True)
+    pad = target.eq(PAD)
+    nll, smooth = nll.masked_fill(pad, 0.0).sum(), smooth.masked_fill(pad, 0.0).sum()
+    eps_i = epsilon / (lprobs.shape[-1] - 1)
+    return (1 - epsilon - eps_i) * nll + eps_i * smooth
+
+
+def train_both(pre_ln, steps=50, seed=0):
+    torch.manual_seed(seed)
+    plain = PlainTransformer(pre_ln)
+    fused = fused_copy_of(plain, pre_ln)
+    criterion = LSCrossEntropyLayer(LSCrossEntropyLayer.get_config(
+        max_batch_tokens=64, padding_idx=PAD, epsilon=0.1, fp16=False, local_rank=-1))
+    opt_fused = LSAdam(fused.parameters(), lr=3e-3, weight_decay=0.01)
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=3e-3, weight_decay=0.01)
+    data = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        src, prev, target = copy_batch(data)
+        loss_fused, _ = criterion(fused(src, prev), target)
+        loss_plain = fairseq_loss(plain(src, prev), target, 0.1)
+        for loss, opt in ((loss_fused, opt_fused), (loss_plain, opt_plain)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses.append((loss_fused.item(), loss_plain.item(), target.ne(PAD).sum().item()))
+    return fused, plain, losses
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["post-ln", "pre-ln"])
+def trained(request):
+    return train_both(request.param)
+
+
+def test_fifty_training_steps_match_the_plain_model(trained):
+    _, _, losses = trained
+    for step, (fused, plain, _) in enumerate(losses):
+        assert abs(fused - plain) <= 1e-4 * abs(plain), f"step {step}: {fused} vs {plain}"
+    per_token = [plain / tokens for _, plain, tokens in losses]
+    assert sum(per_token[-5:]) < 0.5 * sum(per_token[:5]), "the loss did not go down"
+
+
+def test_forward_and_gradients_match_before_training():
+    torch.manual_seed(1)
+    plain = PlainTransformer(True, activation="gelu")
+    fused = fused_copy_of(plain, True, activation="gelu")
+    src, prev, target = copy_batch(torch.Generator().manual_seed(1))
+    out_fused, out_plain = fused(src, prev), plain(src, prev)
+    assert_close_relative(out_fused, out_plain, 1e-5, "logits")
+    fairseq_loss(out_fused, target, 0.0).backward()
+    fairseq_loss(out_plain, target, 0.0).backward()
+    assert_close_relative(fused.decoder.embed_tokens.embeddings.grad, plain.tgt_embed.weight.grad,
+                          1e-5, "tied embedding grad")
+    assert_close_relative(fused.encoder.embed_tokens.embeddings.grad, plain.src_embed.weight.grad,
+                          1e-5, "source embedding grad")
+    for fused_layer, plain_layer in zip(fused.decoder.layers, plain.decoder_layers):
+        expected = fairseq_layer_map(fused_layer.config).to_fused(
+            {n: p.grad for n, p in plain_layer.named_parameters()})
+        for name, p in fused_layer.named_parameters():
+            assert_close_relative(p.grad, expected[name], 1e-5, f"decoder grad {name}")
+
+
+def test_lightseq_style_incremental_decoding_equals_full_decoding(trained):
+    fused, _, _ = trained
+    fused.eval()
+    src, _, _ = copy_batch(torch.Generator().manual_seed(5), batch=3)  # padded sources
+    prev = torch.randint(3, VOCAB, (3, 6))  # unpadded targets (LightSeq numbers positions
+    prev[:, 0] = EOS                        # by non-pad tokens, incrementally by step)
+    with torch.no_grad():
+        encoder_out, mask = fused.encoder(src)
+        assert encoder_out.shape == (src.shape[1], 3, H)  # LightSeq's [S, B, H]
+        full = fused.decoder(prev, encoder_out, mask)
+        cache = {}
+        steps = [fused.decoder(prev[:, :t + 1], encoder_out, mask, cache) for t in range(6)]
+        assert set(cache) == {0, 1} and cache[0]["dec_self_k"].shape == (3, HEADS, 6, H // HEADS)
+        # beam-search style reorder that drops a row, then one more step
+        order = torch.tensor([2, 0])
+        fused.decoder.reorder_cache(cache, order)
+        nxt = torch.cat([prev[order], torch.full((2, 1), 5)], dim=1)
+        last = fused.decoder(nxt, encoder_out[:, order], mask[order], cache)
+        reference = fused.decoder(nxt, encoder_out[:, order], mask[order])
+    assert_close_relative(torch.cat(steps, dim=1), full, 1e-5, "incremental vs full")
+    assert_close_relative(last[:, -1], reference[:, -1], 1e-5, "after reorder")
+    fused.train()
+
+
+# ----------------------------------------------------------------------------------- generation
+@torch.no_grad()
+def plain_greedy(plain, src, max_len):
+    """Greedy decoding recomputing the whole prefix at every step."""
+    enc, mask = plain.encode(src)
+    out = []
+    for row in range(src.shape[0]):
+        prefix = [EOS]
+        for _ in range(max_len):
+            lprobs = F.log_softmax(plain.decode(torch.tensor([prefix]), enc[row:row + 1],
+                                                mask[row:row + 1])[0, -1], -1)
+            lprobs[PAD] = -math.inf
+            prefix.append(int(lprobs.argmax()))
+            if prefix[-1] == EOS:
+                break
+        out.append(prefix[1:])
+    return out
+
+
+@torch.no_grad()
+def plain_beam(plain, src, beam, max_len, length_penalty):
+    """Beam search as fairseq does it, one sentence at a time, recomputing prefixes."""
+    enc, mask = plain.encode(src)
+    results = []
+    for row in range(src.shape[0]):
+        beams = [([EOS], 0.0)]
+        finished = []
+        for step in range(max_len):
+            candidates = []
+            for b, (prefix, score) in enumerate(beams):
+                lprobs = F.log_softmax(plain.decode(torch.tensor([prefix]), enc[row:row + 1],
+                                                    mask[row:row + 1])[0, -1], -1)
+                lprobs[PAD] = -math.inf
+                if step == max_len - 1:
+                    only_eos = torch.full_like(lprobs, -math.inf)
+                    only_eos[EOS] = lprobs[EOS]
+                    lprobs = only_eos
+                for token in range(VOCAB):
+                    candidates.append((score + lprobs[token].item(), b, token))
+            candidates.sort(key=lambda c: -c[0])
+            next_beams = []
+            for rank, (score, b, token) in enumerate(candidates[:2 * beam]):
+                if score == -math.inf:
+                    break
+                if token == EOS:
+                    if rank < beam and len(finished) < beam:
+                        finished.append((score / (step + 1) ** length_penalty,
+                                         beams[b][0][1:] + [EOS]))
+                elif len(next_beams) < beam:
+                    next_beams.append((beams[b][0] + [token], score))
+            if len(finished) >= beam:
+                break
+            beams = next_beams
+        results.append(sorted(finished, key=lambda f: -f[0]))
+    return results
+
+
+@pytest.fixture(scope="module")
+def random_pair():
+    """A random model whose hypotheses stop at different steps (EOS made a bit more likely), so
+    finished sentences leave the batch at different times."""
+    torch.manual_seed(3)
+    plain = randomize_(PlainTransformer(True), scale=0.3)
+    with torch.no_grad():
+        plain.tgt_embed.weight[EOS] *= 1.2
+    return fused_copy_of(plain, True).eval(), plain.eval()
+
+
+def test_greedy_generation_matches_plain_greedy(random_pair):
+    fused, plain = random_pair
+    src, _, _ = copy_batch(torch.Generator().manual_seed(11), batch=6)
+    tokens, scores = fused.generate(src, EOS, max_len=12)
+    expected = plain_greedy(plain, src, 12)
+    assert len({len(h) for h in expected}) > 1, "rows should finish at different steps"
+    for row, hyp in enumerate(expected):
+        assert tokens[row, :len(hyp)].tolist() == hyp
+        assert (tokens[row, len(hyp):] == PAD).all()
+    assert torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("beam, length_penalty", [(2, 1.0), (3, 0.6), (4, 1.0)])
+def test_beam_search_matches_plain_beam_search(random_pair, beam, length_penalty):
+    fused, plain = random_pair
+    src, _, _ = copy_batch(torch.Generator().manual_seed(11), batch=6)
+    tokens, scores = fused.generate(src, EOS, beam_size=beam, max_len=10,
+                                    length_penalty=length_penalty, nbest=beam)
+    expected = plain_beam(plain, src, beam, 10, length_penalty)
+    lengths = set()
+    for row, hyps in enumerate(expected):
+        assert len(hyps) == beam
+        for j, (score, hyp) in enumerate(hyps):
+            lengths.add(len(hyp))
+            assert tokens[row, j, :len(hyp)].tolist() == hyp, (row, j)
+            assert (tokens[row, j, len(hyp):] == PAD).all()
+            assert abs(scores[row, j].item() - score) <= 1e-4 * max(1.0, abs(score))
+    assert len(lengths) > 1, "hypotheses should end at different steps"
+    best, best_scores = fused.generate(src, EOS, beam_size=beam, max_len=10,
+                                       length_penalty=length_penalty)
+    assert torch.equal(best, tokens[:, 0, :best.shape[1]]) and torch.equal(best_scores, scores[:, 0])
+
+
+def test_beam_search_forces_eos_at_max_len_and_checks_arguments(random_pair):
+    fused, _ = random_pair
+    src, _, _ = copy_batch(torch.Generator().manual_seed(13), batch=2)
+    tokens, _ = fused.generate(src, EOS, beam_size=2, max_len=2)
+    assert tokens.shape[1] <= 2 and (tokens == EOS).any(dim=1).all()
+    for kwargs, name in ((dict(beam_size=VOCAB), "beam_size"), (dict(max_len=0), "max_len"),
+                         (dict(beam_size=2, nbest=3), "nbest")):
+        with pytest.raises(ValueError, match=name):
+            fused.generate(src, EOS, **kwargs)
+    with pytest.raises(ValueError, match="eos_idx"):
+        fused.generate(src, VOCAB)
