@@ -1,6 +1,7 @@
 """LSTransformer against a plain-PyTorch encoder-decoder (fairseq-style layers from
 tests/layers/plain_layers.py, LightSeq's embedding written here) from the same init: a 50-step
 training run on a copy task, incremental decoding, greedy and beam-search generation."""
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 from fastpatch.layers import fairseq_layer_map
 from fastpatch.training import LSAdam, LSCrossEntropyLayer, LSTransformer
 from layers.plain_layers import FairseqDecoderLayer, FairseqEncoderLayer, randomize_
-from numerics import assert_close_relative
+from numerics import assert_close_relative, assert_within_factor_of_torch
 
 VOCAB, PAD, EOS = 24, 1, 2
 H, HEADS, FFN = 32, 4, 64
@@ -19,7 +20,8 @@ H, HEADS, FFN = 32, 4, 64
 
 def sinusoid(positions, dim):
     half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000) / (half - 1)))
+    freq = torch.exp(torch.arange(half, dtype=torch.float, device=positions.device)
+                     * -(math.log(10000) / (half - 1)))
     angles = positions.float().unsqueeze(-1) * freq
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
@@ -44,7 +46,8 @@ class PlainTransformer(nn.Module):
     def embed(self, table, tokens, start=0):
         real = tokens.ne(PAD).long()
         positions = torch.cumsum(real, 1) - real + start
-        return math.sqrt(H) * table(tokens) + sinusoid(positions, H)
+        x = math.sqrt(H) * table(tokens)
+        return x + sinusoid(positions.to(x.device), H).to(device=x.device, dtype=x.dtype)
 
     def encode(self, src):
         mask = src.eq(PAD)
@@ -304,3 +307,28 @@ def test_beam_search_forces_eos_at_max_len_and_checks_arguments(random_pair):
             fused.generate(src, EOS, **kwargs)
     with pytest.raises(ValueError, match="eos_idx"):
         fused.generate(src, VOCAB)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_logits_training_and_generation(dtype):
+    torch.manual_seed(0)
+    plain32 = PlainTransformer(True).cuda()
+    fused = fused_copy_of(plain32, True).cuda().to(dtype)
+    plain = copy.deepcopy(plain32).to(dtype)
+    src, prev, target = (t.cuda() for t in copy_batch(torch.Generator().manual_seed(0), 64, 30))
+    assert_within_factor_of_torch(fused(src, prev).float(), plain(src, prev).float(),
+                                  plain32(src, prev), "logits")
+    criterion = LSCrossEntropyLayer(LSCrossEntropyLayer.get_config(padding_idx=PAD, epsilon=0.1))
+    optimizer = LSAdam(fused.parameters(), lr=1e-3)
+    for _ in range(5):
+        loss, _ = criterion(fused(src, prev), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    for beam in (1, 4):
+        tokens, scores = fused.generate(src[:8], EOS, beam_size=beam, max_len=16)
+        assert tokens.shape[0] == 8 and torch.isfinite(scores).all()
+        assert ((tokens >= 0) & (tokens < VOCAB)).all()
