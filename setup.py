@@ -100,6 +100,7 @@ setup(
         ],
         "deepspeed": ["deepspeed>=0.19"],
         "test": ["pytest", "transformers>=5.0", "safetensors", "ninja"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={
         "console_scripts": [

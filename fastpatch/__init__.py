@@ -12,12 +12,12 @@ from .report import AccelerationReport, UnsupportedModelError
 __version__ = "0.1.0"
 
 __all__ = ["accelerate", "revert", "report", "AccelerationReport", "UnsupportedModelError",
-           "export", "__version__"]
+           "export", "export_onnx", "__version__"]
 
 
 def __getattr__(name):
     # the exporters live in fastpatch.inference, imported on first use (import stays torch-only)
-    if name in ("export",):
+    if name in ("export", "export_onnx"):
         from . import inference
 
         return getattr(inference, name)

@@ -16,7 +16,8 @@ from .exporter import export
 from .generation import GenerationOutput
 from .gpt import Gpt
 from .hf import enable_generate
+from .onnx_export import export_onnx
 from .options import GenerationOptions
 
 __all__ = ["Gpt", "Bert", "EncoderOutput", "GenerationOptions", "GenerationOutput", "enable_generate",
-           "export"]
+           "export", "export_onnx"]
