@@ -7,6 +7,7 @@ are reachable as ``torch.ops.fastpatch.*``.
 from .attention import attention, kv_cache_append_, merge_heads, split_heads
 from .bias_activation_dropout import bias_activation_dropout
 from .cross_entropy import cross_entropy, fused_linear_cross_entropy, label_smoothed_cross_entropy
+from .embedding import fairseq_positions, sinusoidal_table, transformer_embedding
 
 __all__ = [
     "attention",
@@ -17,6 +18,9 @@ __all__ = [
     "cross_entropy",
     "fused_linear_cross_entropy",
     "label_smoothed_cross_entropy",
+    "fairseq_positions",
+    "sinusoidal_table",
+    "transformer_embedding",
 ]
 
 # (public op, CUDA kernels it uses); `fastpatch env` reports each one's path.
@@ -28,4 +32,5 @@ KERNELS = {
     "cross_entropy": ("cross_entropy_fwd", "cross_entropy_bwd"),
     "label_smoothed_cross_entropy": ("cross_entropy_fwd", "cross_entropy_bwd"),
     "fused_linear_cross_entropy": ("cross_entropy_fwd_grad_", "cross_entropy_fwd", "cross_entropy_bwd_"),
+    "transformer_embedding": ("embedding_fwd", "embedding_bwd"),
 }
