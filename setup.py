@@ -99,7 +99,7 @@ setup(
             "fairseq-fixed==0.12.3.1; python_version >= '3.11'",
         ],
         "deepspeed": ["deepspeed>=0.19"],
-        "test": ["pytest", "transformers>=5.0", "safetensors", "ninja"],
+        "test": ["pytest", "transformers>=5.0", "safetensors", "ninja", "accelerate>=1.1"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={
