@@ -20,6 +20,7 @@ file, or views of a live Hugging Face model's parameters (no copy, see :meth:`Gp
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -33,9 +34,10 @@ from ..ops.activations import canonical_activation
 from . import checkpoint
 from .cache import KVArena
 from .generation import GenerativeModel
-from .graphs import CapturedCall, bucket, graphs_available
+from .graphs import bucket, graphs_available
 from .inputs import token_batch
 from .options import GenerationOptions
+from .session import DecodeSession, StepGraphs
 
 ARCHITECTURE = "gpt"
 # Smallest cache length of a step graph: shorter generations share one graph.
@@ -142,7 +144,7 @@ class GptEngine:
         self.arena = KVArena(spec.num_layers, spec.num_heads, spec.hidden_size // spec.num_heads,
                              self.dtype, self.device)
         self.use_cuda_graph = use_cuda_graph and graphs_available(self.device)
-        self._graphs: Dict[Tuple[int, int], "_StepGraph"] = {}
+        self.graphs = StepGraphs(self.arena)
 
     # ------------------------------------------------------------------------------ math
     def _blocks(self, x: Tensor, attend) -> Tensor:
@@ -218,66 +220,14 @@ class GptEngine:
         rows = batch * expand
         padded_rows, slots = bucket(rows), bucket(length + max_new_tokens, _MIN_SLOTS)
         self.arena.reserve(padded_rows, slots)
-        graph = self._graph(padded_rows, slots) if self.use_cuda_graph else None
-        logits = self.prefill(ids, mask, slots)  # after the graph: its warm-up wrote slot 0
+        step = functools.partial(self.decode, slots=slots)
+        graph = self.graphs.get((padded_rows, slots), padded_rows, step) if self.use_cuda_graph else None
+        logits = self.prefill(ids, mask, slots)  # after the capture: its warm-up wrote slot 0
         self.arena.repeat_rows(batch, expand, length)
         start = torch.full((padded_rows,), length - 1, dtype=torch.int64, device=self.device)
         start[:rows] = (length - mask.sum(dim=1)).repeat_interleave(expand)
-        session = _GptSession(self, rows, padded_rows, slots, start, length, graph)
+        session = DecodeSession(self.arena, rows, padded_rows, step, start, length, graph)
         return session, logits.repeat_interleave(expand, dim=0)
-
-    def _graph(self, rows: int, slots: int) -> "_StepGraph":
-        key = (rows, slots)
-        graph = self._graphs.get(key)
-        if graph is not None and graph.version != self.arena.version:
-            self._graphs.clear()  # the arena moved: every captured address is stale
-            graph = None
-        if graph is None:
-            graph = self._graphs[key] = _StepGraph(self, rows, slots)
-        return graph
-
-
-class _StepGraph:
-    """The decode step of one (rows, slots) bucket, captured with its static inputs."""
-
-    def __init__(self, engine: GptEngine, rows: int, slots: int):
-        device = engine.device
-        self.version = engine.arena.version
-        self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.start = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.slot = torch.zeros(1, dtype=torch.int64, device=device)
-        self.call = CapturedCall(lambda: engine.decode(self.tokens, self.start, self.slot, slots), device)
-
-
-class _GptSession:
-    """Decode state of one ``generate`` call: static inputs, and the graph or the eager step."""
-
-    def __init__(self, engine: GptEngine, rows: int, padded_rows: int, slots: int, start: Tensor,
-                 first_slot: int, graph: Optional[_StepGraph]):
-        self.engine, self.rows, self.slots, self.graph = engine, rows, slots, graph
-        if graph is None:
-            self.tokens = torch.zeros(padded_rows, dtype=torch.int64, device=engine.device)
-            self.start = start
-            self.slot = torch.zeros(1, dtype=torch.int64, device=engine.device)
-        else:
-            self.tokens, self.start, self.slot = graph.tokens, graph.start, graph.slot
-            self.tokens.zero_()
-            self.start.copy_(start)
-        self.slot.fill_(first_slot)
-        self.written = first_slot  # host copy of the slot: the number of cached slots
-
-    def step(self, tokens: Tensor) -> Tensor:
-        self.tokens[: self.rows].copy_(tokens)
-        if self.graph is not None:
-            logits = self.graph.call()
-        else:
-            logits = self.engine.decode(self.tokens, self.start, self.slot, self.slots)
-        self.slot.add_(1)
-        self.written += 1
-        return logits[: self.rows]
-
-    def reorder(self, index: Tensor) -> None:
-        self.engine.arena.reorder_rows(index, self.written)
 
 
 class Gpt(GenerativeModel):

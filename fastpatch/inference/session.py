@@ -1,0 +1,91 @@
+"""Decode sessions: the static step inputs, the captured step graphs, and the session API
+(``step`` / ``reorder``) the search loops drive. Shared by the decoder-only and the
+encoder-decoder engines, which differ only in their step function.
+
+A step function ``step(tokens [R], start [R], slot [1]) -> logits [R, V]`` reads its inputs
+from device tensors and has fixed shapes, so one capture per shape bucket serves every call;
+``slot`` is the cache slot the step writes (advanced by the session after each step) and
+``start`` the first slot each row may attend to (its left padding ends there).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .cache import KVArena
+from .graphs import CapturedCall
+
+StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class StepGraph:
+    """A step function captured with its static inputs for ``rows`` rows."""
+
+    def __init__(self, step: StepFunction, rows: int, device: torch.device, version: int):
+        self.version = version
+        self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.start = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.slot = torch.zeros(1, dtype=torch.int64, device=device)
+        self.call = CapturedCall(lambda: step(self.tokens, self.start, self.slot), device)
+
+
+class StepGraphs:
+    """The captured steps of one engine, by shape bucket; all are dropped when the arena they
+    captured moves (it grew), since their addresses are stale."""
+
+    def __init__(self, arena: KVArena):
+        self.arena = arena
+        self._graphs: Dict[Tuple, StepGraph] = {}
+
+    def get(self, key: Tuple, rows: int, step: StepFunction) -> StepGraph:
+        graph = self._graphs.get(key)
+        if graph is not None and graph.version != self.arena.version:
+            self._graphs.clear()
+            graph = None
+        if graph is None:
+            graph = self._graphs[key] = StepGraph(step, rows, self.arena.device, self.arena.version)
+        return graph
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+
+class DecodeSession:
+    """Decode state of one ``generate`` call (see ``search.DecodeSession``).
+
+    Args:
+        arena: the engine's KV cache (reordered for beam search).
+        rows: live rows; ``padded_rows`` >= rows is the bucket the step runs on.
+        step: the step function (run eagerly when ``graph`` is None).
+        start: ``[padded_rows]`` first visible slot per row.
+        first_slot: the slot the first step writes.
+    """
+
+    def __init__(self, arena: KVArena, rows: int, padded_rows: int, step: StepFunction, start: Tensor,
+                 first_slot: int, graph: Optional[StepGraph]):
+        self.arena, self.rows, self.step_function, self.graph = arena, rows, step, graph
+        if graph is None:
+            self.tokens = torch.zeros(padded_rows, dtype=torch.int64, device=arena.device)
+            self.start = start
+            self.slot = torch.zeros(1, dtype=torch.int64, device=arena.device)
+        else:
+            self.tokens, self.start, self.slot = graph.tokens, graph.start, graph.slot
+            self.tokens.zero_()
+            self.start.copy_(start)
+        self.slot.fill_(first_slot)
+        self.written = first_slot  # host copy of the slot: the number of cached slots
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.tokens[: self.rows].copy_(tokens)
+        if self.graph is not None:
+            logits = self.graph.call()
+        else:
+            logits = self.step_function(self.tokens, self.start, self.slot)
+        self.slot.add_(1)
+        self.written += 1
+        return logits[: self.rows]
+
+    def reorder(self, index: Tensor) -> None:
+        self.arena.reorder_rows(index, self.written)
