@@ -5,6 +5,7 @@ The public functions validate their arguments and return ordinary tensors; the r
 are reachable as ``torch.ops.fastpatch.*``.
 """
 from .attention import attention, kv_cache_append_, merge_heads, split_heads
+from .adam import multi_tensor_adam_
 from .bias_activation_dropout import bias_activation_dropout
 from .cross_entropy import cross_entropy, fused_linear_cross_entropy, label_smoothed_cross_entropy
 from .embedding import fairseq_positions, sinusoidal_table, transformer_embedding
@@ -21,6 +22,7 @@ __all__ = [
     "fairseq_positions",
     "sinusoidal_table",
     "transformer_embedding",
+    "multi_tensor_adam_",
 ]
 
 # (public op, CUDA kernels it uses); `fastpatch env` reports each one's path.
@@ -33,4 +35,5 @@ KERNELS = {
     "label_smoothed_cross_entropy": ("cross_entropy_fwd", "cross_entropy_bwd"),
     "fused_linear_cross_entropy": ("cross_entropy_fwd_grad_", "cross_entropy_fwd", "cross_entropy_bwd_"),
     "transformer_embedding": ("embedding_fwd", "embedding_bwd"),
+    "multi_tensor_adam_": ("multi_tensor_adam",),
 }
