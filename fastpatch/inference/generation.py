@@ -8,7 +8,7 @@ run the prefill and return ``(session, logits [B * expand, V], B)``; this class 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -20,6 +20,15 @@ from .search import beam_search, collect_tokens, token_steps
 # Steps between two host checks for "every row has finished" (each check is a sync that drains
 # the queue of decode steps); on the CPU there is no queue, so it checks every step.
 _CUDA_CHECK_EVERY = 8
+
+
+class Started(NamedTuple):
+    """What an engine's prefill hands to the search."""
+
+    session: object       # search.DecodeSession
+    logits: Tensor        # [B * expand, V] next-token logits of each row
+    batch: int            # B prompts
+    prompt_length: int    # tokens per row before the first new one, padding included (HF's count)
 
 
 @dataclasses.dataclass
@@ -49,7 +58,7 @@ class GenerativeModel:
     generation: GenerationOptions
     device: torch.device
 
-    def _start(self, input_ids, attention_mask, options: GenerationOptions, expand: int):
+    def _start(self, input_ids, attention_mask, options: GenerationOptions, expand: int) -> "Started":
         raise NotImplementedError
 
     def _options(self, overrides: dict) -> GenerationOptions:
@@ -74,13 +83,14 @@ class GenerativeModel:
             raise ValueError("streamer needs num_beams=1: beam hypotheses change until the end")
         with torch.inference_mode():
             expand = opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences
-            session, logits, batch = self._start(input_ids, attention_mask, opts, expand)
+            session, logits, batch, prompt_length = self._start(input_ids, attention_mask, opts, expand)
             generator = make_generator(opts, logits.device)
             # recorded scores must stop exactly where the search does: check every step then
             check_every = _CUDA_CHECK_EVERY if logits.device.type == "cuda" and not output_scores else 1
             if opts.num_beams > 1:
-                result = beam_search(session, logits, opts, batch, generator, fill_value=opts.pad,
-                                     check_every=check_every, record_scores=output_scores)
+                result = beam_search(session, logits, opts, batch, generator, prompt_length=prompt_length,
+                                     fill_value=opts.pad, check_every=check_every,
+                                     record_scores=output_scores)
                 return GenerationOutput(result.tokens, result.scores, result.beam_indices,
                                         tuple(result.step_scores) if output_scores else None)
             scores = []
@@ -91,8 +101,9 @@ class GenerativeModel:
                 if streamer is not None:
                     streamer(step.tokens)
 
-            tokens = collect_tokens(token_steps(session, logits, opts, generator), logits.shape[0],
-                                    opts, logits.device, check_every=check_every, on_step=on_step)
+            tokens = collect_tokens(token_steps(session, logits, opts, generator, prompt_length),
+                                    logits.shape[0], opts, logits.device, check_every=check_every,
+                                    on_step=on_step)
             return GenerationOutput(tokens, step_scores=tuple(scores[: tokens.shape[1]])
                                     if output_scores else None)
 
@@ -110,8 +121,9 @@ class GenerativeModel:
         # inference mode is entered per step, never held across a yield (it is thread state the
         # caller's code between two tokens must not inherit)
         with torch.inference_mode():
-            session, logits, _ = self._start(input_ids, attention_mask, opts, opts.num_return_sequences)
-            steps = token_steps(session, logits, opts, make_generator(opts, logits.device))
+            session, logits, _, prompt_length = self._start(input_ids, attention_mask, opts,
+                                                            opts.num_return_sequences)
+            steps = token_steps(session, logits, opts, make_generator(opts, logits.device), prompt_length)
         while True:
             with torch.inference_mode():
                 step = next(steps, None)

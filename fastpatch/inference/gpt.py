@@ -33,7 +33,7 @@ from ..layers.functional import (LayerNormWeights, Projection, feed_forward, lay
 from ..ops.activations import canonical_activation
 from . import checkpoint
 from .cache import KVArena
-from .generation import GenerativeModel
+from .generation import GenerativeModel, Started
 from .graphs import bucket, graphs_available
 from .inputs import token_batch
 from .options import GenerationOptions
@@ -272,4 +272,4 @@ class Gpt(GenerativeModel):
         batch = token_batch(input_ids, attention_mask, vocab_size=self.spec.vocab_size,
                             max_batch_size=self.max_batch_size, device=self.device)
         session, logits = self.engine.start(batch.ids, batch.mask, options.max_new_tokens, expand)
-        return session, logits, batch.ids.shape[0]
+        return Started(session, logits, batch.ids.shape[0], batch.ids.shape[1])

@@ -37,8 +37,9 @@ ENGINE_MODELS = ("GPT2LMHeadModel",)
 _HANDLED = {"max_length", "max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p",
             "length_penalty", "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id",
             "bos_token_id", "decoder_start_token_id", "output_scores", "return_dict_in_generate",
-            "use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile",
-            "transformers_version", "_from_model_config"}
+            "use_cache", "forced_bos_token_id", "forced_eos_token_id", "cache_implementation",
+            "cache_config", "compile_config", "disable_compile", "transformers_version",
+            "_from_model_config"}
 # model kwargs the engine understands; any other goes to HF
 _MODEL_KWARGS = {"attention_mask"}
 
@@ -156,7 +157,8 @@ def _plan(model, inputs, generation_config, kwargs) -> Union[_Plan, str]:
             num_return_sequences=config.num_return_sequences or 1,
             length_penalty=config.length_penalty if config.length_penalty is not None else 1.0,
             early_stopping=config.early_stopping if config.early_stopping is not None else False,
-            eos_token_id=eos, pad_token_id=pad)
+            eos_token_id=eos, pad_token_id=pad, forced_bos_token_id=config.forced_bos_token_id,
+            forced_eos_token_id=config.forced_eos_token_id)
     except ValueError as exc:
         return f"options the engine rejects ({exc})"
     hf_fill = (pad or eos[0]) if eos else -1  # HF's `pad_token_id or eos_token_id[0]`, 0 included

@@ -18,7 +18,7 @@ from .options import GenerationOptions
 # GenerationConfig fields the engine implements, mapped to GenerationOptions fields.
 _GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams",
                       "num_return_sequences", "length_penalty", "early_stopping", "eos_token_id",
-                      "pad_token_id")
+                      "pad_token_id", "forced_bos_token_id", "forced_eos_token_id")
 
 
 def _p(t: Tensor) -> Tensor:

@@ -32,6 +32,10 @@ class GenerationOptions:
         pad_token_id: written after a row's end (default: the first EOS id, else 0).
         seed: seeds a private generator so sampling is reproducible regardless of the global
             RNG; None samples from PyTorch's default generator (``torch.manual_seed``).
+        forced_bos_token_id: the first token of a sequence whose prompt is one token (BART's
+            decoder start), as HF's ``ForcedBOSTokenLogitsProcessor``.
+        forced_eos_token_id: ids forced at the last allowed position (HF's
+            ``ForcedEOSTokenLogitsProcessor``; BART configs set it).
     """
 
     max_new_tokens: int = 20
@@ -46,6 +50,8 @@ class GenerationOptions:
     eos_token_id: Tuple[int, ...] = ()
     pad_token_id: Optional[int] = None
     seed: Optional[int] = None
+    forced_bos_token_id: Optional[int] = None
+    forced_eos_token_id: Tuple[int, ...] = ()
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -61,17 +67,12 @@ class GenerationOptions:
         set_("length_penalty", _float("length_penalty", self.length_penalty))
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        eos = self.eos_token_id
-        if eos is None:
-            eos = ()
-        elif isinstance(eos, int) and not isinstance(eos, bool):
-            eos = (eos,)
-        eos = tuple(eos)
-        for token in eos:
-            _int("eos_token_id", token, 0)
-        set_("eos_token_id", eos)
+        set_("eos_token_id", _ids("eos_token_id", self.eos_token_id))
+        set_("forced_eos_token_id", _ids("forced_eos_token_id", self.forced_eos_token_id))
         if self.pad_token_id is not None:
             _int("pad_token_id", self.pad_token_id, 0)
+        if self.forced_bos_token_id is not None:
+            _int("forced_bos_token_id", self.forced_bos_token_id, 0)
         if self.seed is not None:
             _int("seed", self.seed, 0)
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences != 1:
@@ -100,6 +101,7 @@ class GenerationOptions:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id)
+        d["forced_eos_token_id"] = list(self.forced_eos_token_id)
         return d
 
     @classmethod
@@ -112,6 +114,16 @@ def _int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _ids(name: str, value) -> Tuple[int, ...]:
+    """None, an id or a sequence of ids, as a tuple."""
+    if value is None:
+        return ()
+    ids = (value,) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    for token in ids:
+        _int(name, token, 0)
+    return ids
 
 
 def _bool(name: str, value) -> None:

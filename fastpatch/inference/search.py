@@ -27,6 +27,22 @@ from .sampling import draw, warp
 _NEG = -1.0e9
 
 
+def force_tokens(scores: Tensor, options: GenerationOptions, prompt_length: int, t: int) -> Tensor:
+    """HF's forced-BOS / forced-EOS processors for new token ``t``: a forced id keeps score 0
+    and every other id gets ``-inf``. BOS is forced when the sequence so far is one token
+    (an encoder-decoder's start token), EOS at the last position ``max_new_tokens`` allows."""
+    forced = ()
+    if options.forced_bos_token_id is not None and prompt_length + t == 1:
+        forced = (options.forced_bos_token_id,)
+    elif options.forced_eos_token_id and t == options.max_new_tokens - 1:
+        forced = options.forced_eos_token_id
+    if not forced:
+        return scores
+    out = torch.full_like(scores, float("-inf"))
+    out[:, list(forced)] = 0
+    return out
+
+
 class DecodeSession(Protocol):
     def step(self, tokens: Tensor) -> Tensor: ...
 
@@ -44,11 +60,11 @@ class Step:
 
 
 def token_steps(session: DecodeSession, logits: Tensor, options: GenerationOptions,
-                generator: Optional[torch.Generator]) -> Iterator[Step]:
+                generator: Optional[torch.Generator], prompt_length: int) -> Iterator[Step]:
     """Greedy or sampled tokens, one :class:`Step` per position, ``max_new_tokens`` at most.
 
-    ``logits`` ``[R, V]`` are those of each row's last prompt token. A row that produced an EOS
-    emits ``options.pad`` from then on.
+    ``logits`` ``[R, V]`` are those of each row's last prompt token (``prompt_length`` tokens,
+    padding included, as HF counts). A row that produced an EOS emits ``options.pad`` from then on.
     """
     device = logits.device
     eos = torch.tensor(options.eos_token_id, device=device) if options.eos_token_id else None
@@ -56,12 +72,12 @@ def token_steps(session: DecodeSession, logits: Tensor, options: GenerationOptio
     for t in range(options.max_new_tokens):
         # a copy: the session reuses its logits buffer on the next step
         raw = logits.to(torch.float32, copy=True)
+        scores = force_tokens(raw, options, prompt_length, t)
         if options.do_sample:
-            scores = warp(raw, options)
+            scores = warp(scores, options)
             tokens = draw(scores, 1, generator).squeeze(1)
         else:
-            scores = raw
-            tokens = raw.argmax(dim=-1)
+            tokens = scores.argmax(dim=-1)
         if eos is not None:
             tokens = torch.where(unfinished, tokens, options.pad)
             unfinished = unfinished & ~torch.isin(tokens, eos)
@@ -105,8 +121,8 @@ class BeamResult:
 
 
 def beam_search(session: DecodeSession, logits: Tensor, options: GenerationOptions, batch: int,
-                generator: Optional[torch.Generator], *, fill_value: int, check_every: int,
-                record_scores: bool = False) -> BeamResult:
+                generator: Optional[torch.Generator], *, prompt_length: int, fill_value: int,
+                check_every: int, record_scores: bool = False) -> BeamResult:
     """Beam search with HF's semantics: length penalty, EOS handling, early stopping, pruning.
 
     ``logits`` are ``[B * K, V]``: each prompt's last-token logits repeated for its ``K`` beams
@@ -141,7 +157,7 @@ def beam_search(session: DecodeSession, logits: Tensor, options: GenerationOptio
         return torch.take_along_dim(t, index, dim=1)
 
     for t in range(steps_max):
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = force_tokens(torch.log_softmax(logits.float(), dim=-1), options, prompt_length, t)
         if options.do_sample:
             log_probs = warp(log_probs, options, min_tokens_to_keep=len(options.eos_token_id) + 1)
         if record_scores:

@@ -127,3 +127,15 @@ def test_engine_follows_the_model_to_another_dtype_and_revert_undoes_everything(
     assert type(routed) is transformers.GPT2LMHeadModel
     with pytest.raises(TypeError, match="enable_generate supports GPT2LMHeadModel; got BertModel"):
         fi.enable_generate(bert())
+
+
+def test_forced_bos_and_eos_processors_run_in_the_engine(pair, caplog):
+    vanilla, routed = pair
+    ids, mask = left_padded(101, batch=2, length=5, seed=6)
+    for kwargs in (dict(forced_eos_token_id=7), dict(forced_eos_token_id=[7, 9], num_beams=3),
+                   dict(forced_bos_token_id=4)):
+        expected = vanilla.generate(ids[:, -1:], max_new_tokens=6, **kwargs)
+        with caplog.at_level(logging.INFO, logger="fastpatch"):
+            got = routed.generate(ids[:, -1:], max_new_tokens=6, **kwargs)
+        assert "runs the fastpatch engine" in caplog.text
+        assert torch.equal(got, expected), kwargs
