@@ -33,8 +33,11 @@ def main():
         if not hasattr(module, "cases"):
             continue
         for case in module.cases():
-            rows.extend(run_case(case))
-            print(f"[{name}] {case.op} {case.shape} {case.dtype} done", flush=True)
+            case_rows = run_case(case)
+            rows.extend(case_rows)
+            times = " ".join(f"{r['variant']}={r['ms']:.3f}" if r["ms"] else f"{r['variant']}=fail"
+                             for r in case_rows)
+            print(f"[{name}] {case.op} {case.shape} {case.dtype}: {times}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ops.json"), "w") as f:
         json.dump(dict(environment=env, rows=rows), f, indent=1)
