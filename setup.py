@@ -108,6 +108,9 @@ setup(
     entry_points={
         "console_scripts": [
             "fastpatch=fastpatch.cli:main",
+            "lightseq-train=fastpatch.integrations.fairseq.cli:train",
+            "lightseq-generate=fastpatch.integrations.fairseq.cli:generate",
+            "lightseq-interactive=fastpatch.integrations.fairseq.cli:interactive",
         ],
     },
     ext_modules=ext_modules,

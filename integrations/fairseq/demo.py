@@ -62,8 +62,11 @@ def train_args(data: str, save_dir: str, max_update: int, cpu: bool) -> List[str
 
 
 def generate_args(data: str, checkpoint: str, results: str, cpu: bool) -> List[str]:
+    # targets are about as long as their sources: cap the length so that an undertrained model
+    # (a short --max-update) cannot run on for fairseq's default 200 tokens
     args = [data, "--path", checkpoint, "--gen-subset", "test", "--beam", "4",
-            "--max-tokens", "8192", "--results-path", results]
+            "--max-len-a", "1.2", "--max-len-b", "10", "--max-tokens", "8192",
+            "--results-path", results]
     return args + (["--cpu"] if cpu else [])
 
 

@@ -55,10 +55,10 @@ def test_forward_and_grads_match_padded_batches(name):
     got = grads(fused)
     assert got.keys() == expected.keys()
     for key in expected:
-        if expected[key].norm() < 1e-7:
-            # e.g. the key projection's bias: softmax is invariant to it, the gradient is 0 up
-            # to rounding, and a relative error of rounding noise means nothing
-            assert got[key].norm() < 1e-6, f"grad of {key} should be ~0"
+        if key.endswith("k_proj.bias"):
+            # softmax is invariant to the key bias: its gradient is 0 up to rounding noise, and a
+            # relative error of noise means nothing
+            assert got[key].abs().max() < 1e-6, f"grad of {key} should be ~0"
             continue
         assert_close_relative(got[key], expected[key], 2 * TOL, f"grad of {key}")
 
