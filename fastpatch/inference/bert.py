@@ -1,8 +1,6 @@
 """BERT encoder inference: ``fi.Bert(path, max_batch_size=8).infer(ids)``.
 
-The forward is fastpatch's fused ops (``split_heads``, ``attention``,
-``bias_dropout_residual_layernorm`` for each post-LN residual, ``bias_activation_dropout``) over
-the exported tensors. On CUDA one forward per (rows, length) bucket, lengths and rows rounded
+The forward is fastpatch's fused ops (``blocks.encoder_layer``) over the exported tensors. On CUDA one forward per (rows, length) bucket, lengths and rows rounded
 up to powers of two, is captured in a CUDA graph: at batch 1 a BERT-base forward is ~100
 kernels that eager PyTorch issues slower than the GPU runs them. Padding added to reach a
 bucket is masked, so it changes no real token's output; an input without padding that fills
@@ -17,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
-from ..layers.functional import (LayerNormWeights, Projection, feed_forward, layer_norm,
-                                 post_norm_residual)
+from ..layers.functional import layer_norm
 from ..ops.activations import canonical_activation
 from . import checkpoint
+from .blocks import EncoderLayer, encoder_layer, norm
 from .graphs import CapturedCall, bucket, graphs_available
 from .inputs import token_batch
 
@@ -101,15 +98,10 @@ class BertEngine:
                  where: str = "tensors"):
         checkpoint.check_tensors(spec.tensor_shapes(), tensors, where)
         self.spec, self.t = spec, tensors
-        t, eps = tensors, spec.layer_norm_eps
-        norm = lambda p: LayerNormWeights(t[p + ".weight"], t[p + ".bias"], eps)  # noqa: E731
-        linear = lambda p: Projection((t[p + ".weight"],), (t[p + ".bias"],))  # noqa: E731
-        self.embed_ln = norm("embed.ln")
-        self.layers = [dict(qkv=linear(f"layers.{i}.attn.qkv"), out=linear(f"layers.{i}.attn.out"),
-                            ln1=norm(f"layers.{i}.ln1"), fc1=linear(f"layers.{i}.ffn.fc1"),
-                            fc2=linear(f"layers.{i}.ffn.fc2"), ln2=norm(f"layers.{i}.ln2"))
-                       for i in range(spec.num_layers)]
-        self.device = t["embed.tokens"].device
+        eps = spec.layer_norm_eps
+        self.embed_ln = norm(tensors, "embed.ln", eps)
+        self.layers = [EncoderLayer.of(tensors, f"layers.{i}.", eps) for i in range(spec.num_layers)]
+        self.device = tensors["embed.tokens"].device
         self.use_cuda_graph = use_cuda_graph and graphs_available(self.device)
         self._graphs: Dict[Tuple[int, int, bool], "_ForwardGraph"] = {}
 
@@ -121,13 +113,7 @@ class BertEngine:
         x = F.embedding(ids, t["embed.tokens"]) + F.embedding(types, t["embed.token_types"])
         x = layer_norm(x + F.embedding(positions, t["embed.positions"]), self.embed_ln)
         for layer in self.layers:
-            q, k, v = ops.split_heads(layer["qkv"](x, with_bias=False), layer["qkv"].bias(),
-                                      self.spec.num_heads, 3)
-            context = ops.merge_heads(ops.attention(q, k, v, key_padding_mask=padding))
-            x = post_norm_residual(layer["out"](context, with_bias=False), layer["out"].bias(), x,
-                                   layer["ln1"], 0.0, False)
-            y = feed_forward(x, layer["fc1"], layer["fc2"], self.spec.activation)
-            x = post_norm_residual(y, layer["fc2"].bias(), x, layer["ln2"], 0.0, False)
+            x = encoder_layer(x, layer, self.spec.num_heads, self.spec.activation, padding)
         pooled = None
         if self.spec.pooler:
             pooled = torch.tanh(F.linear(x[:, 0], t["pooler.weight"], t["pooler.bias"]))

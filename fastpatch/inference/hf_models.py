@@ -126,3 +126,74 @@ def bert_tensors(model) -> Tuple["BertSpec", Dict[str, Tensor]]:  # noqa: F821
     if body.pooler is not None:
         t.update({"pooler.weight": _p(body.pooler.dense.weight), "pooler.bias": _p(body.pooler.dense.bias)})
     return spec, t
+
+
+def bart_tensors(model) -> Tuple["TransformerSpec", Dict[str, Tensor], GenerationOptions]:  # noqa: F821
+    """``(spec, tensors, decoding options)`` of a ``BartForConditionalGeneration``."""
+    from .transformer import TransformerSpec
+
+    body = getattr(model, "model", None)
+    if type(model).__name__ != "BartForConditionalGeneration" or type(body).__name__ != "BartModel":
+        raise TypeError(f"expected a transformers BartForConditionalGeneration, got {type(model).__name__}")
+    config = model.config
+    activation = canonical_activation(config.activation_function)
+    if activation is None:
+        raise ValueError(f"config.activation_function={config.activation_function!r} has no fused kernel")
+    encoder, decoder = body.encoder, body.decoder
+    tokens = body.shared
+    tied = model.lm_head.weight.data_ptr() == tokens.weight.data_ptr()
+    spec = TransformerSpec(
+        vocab_size=tokens.weight.shape[0], max_positions=encoder.embed_positions.weight.shape[0],
+        position_offset=encoder.embed_positions.offset, hidden_size=config.d_model,
+        encoder_layers=len(encoder.layers), decoder_layers=len(decoder.layers),
+        num_heads=config.encoder_attention_heads, ffn_size=config.encoder_ffn_dim, activation=activation,
+        layer_norm_eps=encoder.layernorm_embedding.eps, embed_scale=float(getattr(tokens, "embed_scale", 1.0)),
+        decoder_start_token_id=config.decoder_start_token_id, tie_word_embeddings=tied)
+    if (config.decoder_attention_heads != config.encoder_attention_heads
+            or config.decoder_ffn_dim != config.encoder_ffn_dim
+            or decoder.embed_positions.weight.shape != encoder.embed_positions.weight.shape):
+        raise ValueError("encoder and decoder of different shapes are not supported")
+
+    def qkv(attn):
+        return (torch.cat([_p(attn.q_proj.weight), _p(attn.k_proj.weight), _p(attn.v_proj.weight)]),
+                torch.cat([_p(attn.q_proj.bias), _p(attn.k_proj.bias), _p(attn.v_proj.bias)]))
+
+    t = {"embed.tokens": _p(tokens.weight), "final_logits_bias": _p(model.final_logits_bias).view(-1)}
+    for side, stack in (("encoder", encoder), ("decoder", decoder)):
+        t.update({f"{side}.positions": _p(stack.embed_positions.weight),
+                  f"{side}.embed_ln.weight": _p(stack.layernorm_embedding.weight),
+                  f"{side}.embed_ln.bias": _p(stack.layernorm_embedding.bias)})
+    for i, layer in enumerate(encoder.layers):
+        p = f"encoder.layers.{i}."
+        w, b = qkv(layer.self_attn)
+        t.update({p + "attn.qkv.weight": w, p + "attn.qkv.bias": b,
+                  p + "attn.out.weight": _p(layer.self_attn.out_proj.weight),
+                  p + "attn.out.bias": _p(layer.self_attn.out_proj.bias),
+                  p + "ln1.weight": _p(layer.self_attn_layer_norm.weight),
+                  p + "ln1.bias": _p(layer.self_attn_layer_norm.bias),
+                  p + "ffn.fc1.weight": _p(layer.fc1.weight), p + "ffn.fc1.bias": _p(layer.fc1.bias),
+                  p + "ffn.fc2.weight": _p(layer.fc2.weight), p + "ffn.fc2.bias": _p(layer.fc2.bias),
+                  p + "ln2.weight": _p(layer.final_layer_norm.weight), p + "ln2.bias": _p(layer.final_layer_norm.bias)})
+    for i, layer in enumerate(decoder.layers):
+        p, cross = f"decoder.layers.{i}.", layer.encoder_attn
+        w, b = qkv(layer.self_attn)
+        t.update({p + "self_attn.qkv.weight": w, p + "self_attn.qkv.bias": b,
+                  p + "self_attn.out.weight": _p(layer.self_attn.out_proj.weight),
+                  p + "self_attn.out.bias": _p(layer.self_attn.out_proj.bias),
+                  p + "ln1.weight": _p(layer.self_attn_layer_norm.weight),
+                  p + "ln1.bias": _p(layer.self_attn_layer_norm.bias),
+                  p + "cross_attn.q.weight": _p(cross.q_proj.weight), p + "cross_attn.q.bias": _p(cross.q_proj.bias),
+                  p + "cross_attn.kv.weight": torch.cat([_p(cross.k_proj.weight), _p(cross.v_proj.weight)]),
+                  p + "cross_attn.kv.bias": torch.cat([_p(cross.k_proj.bias), _p(cross.v_proj.bias)]),
+                  p + "cross_attn.out.weight": _p(cross.out_proj.weight),
+                  p + "cross_attn.out.bias": _p(cross.out_proj.bias),
+                  p + "ln2.weight": _p(layer.encoder_attn_layer_norm.weight),
+                  p + "ln2.bias": _p(layer.encoder_attn_layer_norm.bias),
+                  p + "ffn.fc1.weight": _p(layer.fc1.weight), p + "ffn.fc1.bias": _p(layer.fc1.bias),
+                  p + "ffn.fc2.weight": _p(layer.fc2.weight), p + "ffn.fc2.bias": _p(layer.fc2.bias),
+                  p + "ln3.weight": _p(layer.final_layer_norm.weight), p + "ln3.bias": _p(layer.final_layer_norm.bias)})
+    if not tied:
+        t["lm_head.weight"] = _p(model.lm_head.weight)
+    generation = getattr(model, "generation_config", None)
+    options = generation_options(generation) if generation is not None else GenerationOptions()
+    return spec, t, options

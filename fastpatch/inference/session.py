@@ -23,7 +23,7 @@ StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
 class StepGraph:
     """A step function captured with its static inputs for ``rows`` rows."""
 
-    def __init__(self, step: StepFunction, rows: int, device: torch.device, version: int):
+    def __init__(self, step: StepFunction, rows: int, device: torch.device, version: Tuple[int, ...]):
         self.version = version
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)
         self.start = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -32,20 +32,21 @@ class StepGraph:
 
 
 class StepGraphs:
-    """The captured steps of one engine, by shape bucket; all are dropped when the arena they
+    """The captured steps of one engine, by shape bucket; all are dropped when an arena they
     captured moves (it grew), since their addresses are stale."""
 
-    def __init__(self, arena: KVArena):
-        self.arena = arena
+    def __init__(self, *arenas: KVArena):
+        self.arenas = arenas
         self._graphs: Dict[Tuple, StepGraph] = {}
 
     def get(self, key: Tuple, rows: int, step: StepFunction) -> StepGraph:
+        version = tuple(a.version for a in self.arenas)
         graph = self._graphs.get(key)
-        if graph is not None and graph.version != self.arena.version:
+        if graph is not None and graph.version != version:
             self._graphs.clear()
             graph = None
         if graph is None:
-            graph = self._graphs[key] = StepGraph(step, rows, self.arena.device, self.arena.version)
+            graph = self._graphs[key] = StepGraph(step, rows, self.arenas[0].device, version)
         return graph
 
     def __len__(self) -> int:

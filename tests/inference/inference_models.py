@@ -57,3 +57,30 @@ def make_eos_likely(model, delta=2.0):
         w = model.transformer.wte.weight[EOS]
         model.transformer.ln_f.bias += delta * w / w.norm() ** 2
     return model
+
+
+def bart(vocab_size=97, layers=2, d_model=64, heads=4, seed=0, eos_bias=0.0, **overrides):
+    """A tiny BART; ``init_std`` 1.0 keeps its random decoder from repeating one token, and
+    ``eos_bias`` (added to EOS's logit) makes sentences end at different steps."""
+    import transformers
+
+    kwargs = dict(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                  encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=96,
+                  decoder_ffn_dim=96, max_position_embeddings=100, dropout=0.0, attention_dropout=0.0,
+                  activation_dropout=0.0, init_std=1.0)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.BartForConditionalGeneration(transformers.BartConfig(**kwargs)).eval()
+    with torch.no_grad():
+        model.final_logits_bias[0, EOS] += eos_bias
+    return model
+
+
+def right_padded(vocab_size, batch=3, length=9, seed=0, pad=1):
+    """Source sentences of different lengths, padded on the right (BART's pad id is 1)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(1, batch):
+        mask[b, max(1, length - 3 * b):] = 0
+    return ids.masked_fill(mask == 0, pad), mask

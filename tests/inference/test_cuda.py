@@ -131,3 +131,24 @@ def test_bert_graph_and_eager_agree_across_shapes():
         m = mask[..., None]
         torch.testing.assert_close(a.last_hidden_state * m, b.last_hidden_state * m, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.pooler_output, b.pooler_output, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_fp32_identical_to_hf_and_graph_equals_eager():
+    from inference_models import bart, right_padded
+
+    model = bart(init_std=0.3, eos_bias=8.0).cuda()
+    graphed = fi.Transformer.from_hf(model)
+    eager = fi.Transformer.from_hf(model, use_cuda_graph=False)
+    assert graphed.engine.use_cuda_graph
+    for call, (batch, length) in enumerate([(3, 8), (1, 2), (8, 40), (2, 8)]):
+        src, mask = right_padded(97, batch=batch, length=length, seed=call)
+        src, mask = src.cuda(), mask.cuda()
+        for kwargs in (dict(), dict(num_beams=4, num_return_sequences=2)):
+            hf = model.generate(src, attention_mask=mask, max_new_tokens=14, output_scores=True,
+                                return_dict_in_generate=True, **kwargs)
+            a = graphed.generate(src, mask, max_new_tokens=14, **kwargs)
+            b = eager.generate(src, mask, max_new_tokens=14, **kwargs)
+            assert torch.equal(a.tokens, hf.sequences[:, 1:]), (batch, length, kwargs)
+            assert torch.equal(a.tokens, b.tokens)
+            if kwargs:
+                torch.testing.assert_close(a.scores, hf.sequences_scores, rtol=1e-4, atol=1e-4)

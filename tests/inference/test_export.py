@@ -154,7 +154,7 @@ def test_config_and_file_mismatches_are_reported(gpt_model, bert_path, tmp_path)
         fi.Gpt(bert_path, device="cpu")
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         fi.Gpt(str(tmp_path / "nowhere"))
-    with pytest.raises(TypeError, match="supports Hugging Face GPT-2 and BERT"):
+    with pytest.raises(TypeError, match="supports Hugging Face GPT-2, BERT and BART"):
         fastpatch.export(torch.nn.Linear(2, 2), str(tmp_path / "x"))
 
 

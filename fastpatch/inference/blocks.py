@@ -1,0 +1,54 @@
+"""Post-LN transformer sub-blocks over exported tensors, shared by the encoder engines.
+
+Each is fastpatch's fused ops applied to weights the engine does not own: ``split_heads`` (bias
+add + head split in one kernel), ``attention`` (SDPA with a padding mask),
+``bias_dropout_residual_layernorm`` (bias + residual + LayerNorm in one kernel) and
+``bias_activation_dropout`` inside ``feed_forward``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional
+
+from torch import Tensor
+
+from .. import ops
+from ..layers.functional import LayerNormWeights, Projection, feed_forward, post_norm_residual
+
+
+def linear(tensors: Dict[str, Tensor], prefix: str) -> Projection:
+    """``prefix.weight`` ``[out, in]`` and ``prefix.bias`` as a projection."""
+    return Projection((tensors[prefix + ".weight"],), (tensors[prefix + ".bias"],))
+
+
+def norm(tensors: Dict[str, Tensor], prefix: str, eps: float) -> LayerNormWeights:
+    return LayerNormWeights(tensors[prefix + ".weight"], tensors[prefix + ".bias"], eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderLayer:
+    """Weights of a post-LN encoder layer (BERT, BART): ``attn.qkv``, ``attn.out``, ``ln1``,
+    ``ffn.fc1``, ``ffn.fc2``, ``ln2`` under one prefix."""
+
+    qkv: Projection
+    out: Projection
+    ln1: LayerNormWeights
+    fc1: Projection
+    fc2: Projection
+    ln2: LayerNormWeights
+
+    @classmethod
+    def of(cls, tensors: Dict[str, Tensor], prefix: str, eps: float) -> "EncoderLayer":
+        return cls(linear(tensors, prefix + "attn.qkv"), linear(tensors, prefix + "attn.out"),
+                   norm(tensors, prefix + "ln1", eps), linear(tensors, prefix + "ffn.fc1"),
+                   linear(tensors, prefix + "ffn.fc2"), norm(tensors, prefix + "ln2", eps))
+
+
+def encoder_layer(x: Tensor, layer: EncoderLayer, num_heads: int, activation: str,
+                  padding: Optional[Tensor]) -> Tensor:
+    """``x [B, L, H]`` through one post-LN layer; ``padding`` ``[B, L]`` bool, True = padding."""
+    q, k, v = ops.split_heads(layer.qkv(x, with_bias=False), layer.qkv.bias(), num_heads, 3)
+    context = ops.merge_heads(ops.attention(q, k, v, key_padding_mask=padding))
+    x = post_norm_residual(layer.out(context, with_bias=False), layer.out.bias(), x, layer.ln1, 0.0, False)
+    y = feed_forward(x, layer.fc1, layer.fc2, activation)
+    return post_norm_residual(y, layer.fc2.bias(), x, layer.ln2, 0.0, False)

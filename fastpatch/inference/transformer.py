@@ -1,0 +1,298 @@
+"""Encoder-decoder engine (BART-style, post-LN): ``fi.Transformer(path).infer(src)``.
+
+Per call: the encoder runs once over the padded source batch; each decoder layer's
+cross-attention keys/values are computed from its output once and stored in a static buffer
+(with the source padding as an additive mask), repeated for the beams of each sentence. The
+decoder then runs one token per step from the start token, with its self-attention keys and
+values in the same static arena as the decoder-only engine and the step captured in a CUDA
+graph per (rows, target slots, source slots) bucket. Cross-attention keys are identical across
+the beams of a sentence, so beam search reorders only the self-attention cache.
+
+Supported checkpoints: Hugging Face BART (``BartForConditionalGeneration``) through
+``fastpatch.export``; the tensor layout is framework-neutral (fused q/k/v, ``nn.Linear``
+layouts), see :class:`TransformerSpec`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..layers.functional import LayerNormWeights, Projection, feed_forward, layer_norm, post_norm_residual
+from ..ops.activations import canonical_activation
+from . import checkpoint
+from .blocks import EncoderLayer, encoder_layer, linear, norm
+from .cache import KVArena
+from .generation import GenerativeModel, Started
+from .graphs import bucket, graphs_available
+from .inputs import token_batch
+from .options import GenerationOptions
+from .session import DecodeSession, StepGraphs
+
+ARCHITECTURE = "transformer"
+_MIN_SLOTS = 64
+_MIN_SOURCE_SLOTS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerSpec:
+    """Shape and numerics of a post-LN encoder-decoder with learned positions (BART)."""
+
+    vocab_size: int
+    #: rows of each position table; position ``p`` reads row ``p + position_offset``
+    max_positions: int
+    position_offset: int
+    hidden_size: int
+    encoder_layers: int
+    decoder_layers: int
+    num_heads: int
+    ffn_size: int
+    activation: str
+    layer_norm_eps: float
+    #: token embeddings are multiplied by it (``sqrt(hidden)`` with BART's ``scale_embedding``)
+    embed_scale: float = 1.0
+    #: the decoder's first input token
+    decoder_start_token_id: int = 2
+    #: the LM head is the token embedding (no ``lm_head.weight`` tensor)
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_positions", "hidden_size", "encoder_layers", "decoder_layers",
+                     "num_heads", "ffn_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"model.num_heads ({self.num_heads})")
+        if canonical_activation(self.activation) is None:
+            raise ValueError(f"model.activation {self.activation!r} has no fused kernel")
+        object.__setattr__(self, "activation", canonical_activation(self.activation))
+
+    @property
+    def positions(self) -> int:
+        """Tokens a source or a target may have."""
+        return self.max_positions - self.position_offset
+
+    def tensor_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        h, f, v = self.hidden_size, self.ffn_size, self.vocab_size
+        shapes = {"embed.tokens": (v, h), "final_logits_bias": (v,)}
+        for side in ("encoder", "decoder"):
+            shapes.update({f"{side}.positions": (self.max_positions, h),
+                           f"{side}.embed_ln.weight": (h,), f"{side}.embed_ln.bias": (h,)})
+        for i in range(self.encoder_layers):
+            p = f"encoder.layers.{i}."
+            shapes.update({
+                p + "attn.qkv.weight": (3 * h, h), p + "attn.qkv.bias": (3 * h,),
+                p + "attn.out.weight": (h, h), p + "attn.out.bias": (h,),
+                p + "ln1.weight": (h,), p + "ln1.bias": (h,),
+                p + "ffn.fc1.weight": (f, h), p + "ffn.fc1.bias": (f,),
+                p + "ffn.fc2.weight": (h, f), p + "ffn.fc2.bias": (h,),
+                p + "ln2.weight": (h,), p + "ln2.bias": (h,),
+            })
+        for i in range(self.decoder_layers):
+            p = f"decoder.layers.{i}."
+            shapes.update({
+                p + "self_attn.qkv.weight": (3 * h, h), p + "self_attn.qkv.bias": (3 * h,),
+                p + "self_attn.out.weight": (h, h), p + "self_attn.out.bias": (h,),
+                p + "ln1.weight": (h,), p + "ln1.bias": (h,),
+                p + "cross_attn.q.weight": (h, h), p + "cross_attn.q.bias": (h,),
+                p + "cross_attn.kv.weight": (2 * h, h), p + "cross_attn.kv.bias": (2 * h,),
+                p + "cross_attn.out.weight": (h, h), p + "cross_attn.out.bias": (h,),
+                p + "ln2.weight": (h,), p + "ln2.bias": (h,),
+                p + "ffn.fc1.weight": (f, h), p + "ffn.fc1.bias": (f,),
+                p + "ffn.fc2.weight": (h, f), p + "ffn.fc2.bias": (h,),
+                p + "ln3.weight": (h,), p + "ln3.bias": (h,),
+            })
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (v, h)
+        return shapes
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerSpec":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model fields {unknown} in config.json")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecoderLayer:
+    qkv: Projection
+    out: Projection
+    ln1: LayerNormWeights
+    cross_q: Projection
+    cross_kv: Projection
+    cross_out: Projection
+    ln2: LayerNormWeights
+    fc1: Projection
+    fc2: Projection
+    ln3: LayerNormWeights
+
+
+class TransformerEngine:
+    """Encoder forward, cross-attention cache and decode step over a :class:`TransformerSpec`."""
+
+    def __init__(self, spec: TransformerSpec, tensors: Dict[str, Tensor], *, use_cuda_graph: bool = True,
+                 where: str = "tensors"):
+        checkpoint.check_tensors(spec.tensor_shapes(), tensors, where)
+        self.spec, self.t = spec, tensors
+        eps = spec.layer_norm_eps
+        self.encoder_ln = norm(tensors, "encoder.embed_ln", eps)
+        self.decoder_ln = norm(tensors, "decoder.embed_ln", eps)
+        self.encoder_layers = [EncoderLayer.of(tensors, f"encoder.layers.{i}.", eps)
+                               for i in range(spec.encoder_layers)]
+        self.decoder_layers: List[_DecoderLayer] = []
+        for i in range(spec.decoder_layers):
+            p = f"decoder.layers.{i}."
+            self.decoder_layers.append(_DecoderLayer(
+                linear(tensors, p + "self_attn.qkv"), linear(tensors, p + "self_attn.out"),
+                norm(tensors, p + "ln1", eps), linear(tensors, p + "cross_attn.q"),
+                linear(tensors, p + "cross_attn.kv"), linear(tensors, p + "cross_attn.out"),
+                norm(tensors, p + "ln2", eps), linear(tensors, p + "ffn.fc1"), linear(tensors, p + "ffn.fc2"),
+                norm(tensors, p + "ln3", eps)))
+        self.lm_head = tensors["embed.tokens"] if spec.tie_word_embeddings else tensors["lm_head.weight"]
+        self.device, self.dtype = self.lm_head.device, self.lm_head.dtype
+        head_dim = spec.hidden_size // spec.num_heads
+        self.arena = KVArena(spec.decoder_layers, spec.num_heads, head_dim, self.dtype, self.device)
+        self.cross = KVArena(spec.decoder_layers, spec.num_heads, head_dim, self.dtype, self.device)
+        self._source_bias: Optional[Tensor] = None  # [rows, source slots] additive, follows self.cross
+        self.use_cuda_graph = use_cuda_graph and graphs_available(self.device)
+        self.graphs = StepGraphs(self.arena, self.cross)
+
+    def _embed(self, ids: Tensor, positions: Tensor, table: str) -> Tensor:
+        x = F.embedding(ids, self.t["embed.tokens"]) * self.spec.embed_scale
+        return x + F.embedding(positions + self.spec.position_offset, self.t[table])
+
+    def encode(self, src: Tensor, mask: Tensor, padded: bool) -> Tensor:
+        """``src [B, S]`` (``mask`` True = token) -> encoder output ``[B, S, H]``."""
+        x = self._embed(src, torch.arange(src.shape[1], device=src.device), "encoder.positions")
+        x = layer_norm(x, self.encoder_ln)
+        padding = ~mask if padded else None
+        for layer in self.encoder_layers:
+            x = encoder_layer(x, layer, self.spec.num_heads, self.spec.activation, padding)
+        return x
+
+    def decode(self, tokens: Tensor, start: Tensor, slot: Tensor, slots: int, source_slots: int) -> Tensor:
+        """One target token per row at slot ``slot`` (every row starts at slot 0, so ``start``
+        is unused); attends to target slots ``<= slot`` and to the cached source. ``[R, V]``."""
+        rows, heads = tokens.shape[0], self.spec.num_heads
+        x = layer_norm(self._embed(tokens, slot.expand(rows), "decoder.positions").unsqueeze(1), self.decoder_ln)
+        index = torch.arange(slots, device=tokens.device)
+        self_bias = torch.zeros(1, 1, 1, slots, dtype=self.dtype, device=tokens.device)
+        self_bias = self_bias.masked_fill(index > slot, float("-inf"))
+        source_bias = self._source_bias[:rows, :source_slots].view(rows, 1, 1, source_slots)
+        for i, layer in enumerate(self.decoder_layers):
+            q, k, v = ops.split_heads(layer.qkv(x, with_bias=False), layer.qkv.bias(), heads, 3)
+            cache_k, cache_v = self.arena.layer(i, rows, slots)
+            ops.kv_cache_append_(cache_k, cache_v, k, v, slot)
+            # the mask is never empty for a row (its own slot, source slot 0), so SDPA takes it as is
+            context = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=self_bias)
+            x = post_norm_residual(layer.out(ops.merge_heads(context), with_bias=False), layer.out.bias(),
+                                   x, layer.ln1, 0.0, False)
+            (q,) = ops.split_heads(layer.cross_q(x, with_bias=False), layer.cross_q.bias(), heads, 1)
+            source_k, source_v = self.cross.layer(i, rows, source_slots)
+            context = F.scaled_dot_product_attention(q, source_k, source_v, attn_mask=source_bias)
+            x = post_norm_residual(layer.cross_out(ops.merge_heads(context), with_bias=False),
+                                   layer.cross_out.bias(), x, layer.ln2, 0.0, False)
+            y = feed_forward(x, layer.fc1, layer.fc2, self.spec.activation)
+            x = post_norm_residual(y, layer.fc2.bias(), x, layer.ln3, 0.0, False)
+        return F.linear(x[:, 0], self.lm_head, self.t["final_logits_bias"])
+
+    def start(self, src: Tensor, mask: Tensor, padded: bool, max_new_tokens: int, expand: int):
+        """Encode, fill the cross-attention cache and run the start token: ``(session, logits)``
+        for ``B * expand`` rows (each sentence repeated ``expand`` times)."""
+        batch, length = src.shape
+        if max_new_tokens > self.spec.positions:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the model's "
+                             f"{self.spec.positions} target positions")
+        rows = batch * expand
+        padded_rows = bucket(rows)
+        slots, source_slots = bucket(max_new_tokens, _MIN_SLOTS), bucket(length, _MIN_SOURCE_SLOTS)
+        self.arena.reserve(padded_rows, slots)
+        self.cross.reserve(padded_rows, source_slots)
+        bias_shape = (self.cross.data.shape[2], self.cross.data.shape[4])  # (rows, source slots)
+        if self._source_bias is None or tuple(self._source_bias.shape) != bias_shape:
+            self._source_bias = torch.zeros(bias_shape, dtype=self.dtype, device=self.device)
+        step = functools.partial(self.decode, slots=slots, source_slots=source_slots)
+        graph = (self.graphs.get((padded_rows, slots, source_slots), padded_rows, step)
+                 if self.use_cuda_graph else None)
+        self._fill_source(self.encode(src, mask, padded), mask, expand, source_slots)
+        start = torch.zeros(padded_rows, dtype=torch.int64, device=self.device)
+        session = DecodeSession(self.arena, rows, padded_rows, step, start, 0, graph)
+        first = torch.full((rows,), self.spec.decoder_start_token_id, dtype=torch.int64, device=self.device)
+        return session, session.step(first)
+
+    def _fill_source(self, encoded: Tensor, mask: Tensor, expand: int, source_slots: int) -> None:
+        batch, length = mask.shape
+        zero = torch.zeros(1, dtype=torch.int64, device=self.device)
+        for i, layer in enumerate(self.decoder_layers):
+            k, v = ops.split_heads(layer.cross_kv(encoded, with_bias=False), layer.cross_kv.bias(),
+                                   self.spec.num_heads, 2)
+            cache_k, cache_v = self.cross.layer(i, batch, source_slots)
+            ops.kv_cache_append_(cache_k, cache_v, k, v, zero)
+        self.cross.repeat_rows(batch, expand, length)
+        bias = self._source_bias[:, :source_slots]
+        bias.fill_(float("-inf"))
+        bias[:, 0] = 0  # rows past the batch (bucket filler) see one finite key
+        rows = batch * expand
+        bias[:rows, :length] = torch.zeros_like(mask, dtype=self.dtype).masked_fill(
+            ~mask, float("-inf")).repeat_interleave(expand, dim=0)
+
+
+class Transformer(GenerativeModel):
+    """Three-line translation / summarisation:
+    ``fi.Transformer(path, max_batch_size=8).infer([[1, 2, 3], [4, 5, 6]])``.
+
+    Args:
+        path: a directory written by ``fastpatch.export`` from a BART model.
+        max_batch_size: most source sentences per call (more raise ``ValueError``).
+        device, dtype, use_cuda_graph: as :class:`fastpatch.inference.Gpt`.
+    """
+
+    def __init__(self, path, max_batch_size: int = 8, *, device=None, dtype: Optional[torch.dtype] = None,
+                 use_cuda_graph: bool = True):
+        model, tensors, generation = checkpoint.load(path, ARCHITECTURE, device=device, dtype=dtype)
+        self._setup(TransformerSpec.from_dict(model), tensors, GenerationOptions.from_dict(generation),
+                    max_batch_size, use_cuda_graph, str(path))
+
+    @classmethod
+    def from_hf(cls, model, max_batch_size: int = 8, *, use_cuda_graph: bool = True) -> "Transformer":
+        """An engine over a live ``BartForConditionalGeneration`` (q/k/v concatenated once: a copy)."""
+        from .hf_models import bart_tensors
+
+        spec, tensors, generation = bart_tensors(model)
+        self = cls.__new__(cls)
+        self._setup(spec, tensors, generation, max_batch_size, use_cuda_graph, type(model).__name__)
+        return self
+
+    def _setup(self, spec, tensors, generation, max_batch_size, use_cuda_graph, where) -> None:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        self.spec, self.generation, self.max_batch_size = spec, generation, max_batch_size
+        self.engine = TransformerEngine(spec, tensors, use_cuda_graph=use_cuda_graph, where=where)
+        self.device = self.engine.device
+
+    def _start(self, input_ids, attention_mask, options: GenerationOptions, expand: int) -> Started:
+        batch = token_batch(input_ids, attention_mask, vocab_size=self.spec.vocab_size,
+                            max_batch_size=self.max_batch_size, device=self.device, left_align=False)
+        if batch.ids.shape[1] > self.spec.positions:
+            raise ValueError(f"input_ids has {batch.ids.shape[1]} tokens per row, more than the "
+                             f"model's {self.spec.positions} positions")
+        session, logits = self.engine.start(batch.ids, batch.mask, batch.padded, options.max_new_tokens,
+                                            expand)
+        return Started(session, logits, batch.ids.shape[0], 1)  # the decoder prompt: the start token
+
+    def infer(self, input_ids, attention_mask=None, **options):
+        """Decode every source sentence with the exported options (beam search for a translation
+        export), overridden by ``options``; returns :class:`GenerationOutput` (``tokens`` are the
+        new target tokens, without the start token, best hypothesis first)."""
+        return self.generate(input_ids, attention_mask, **options)
