@@ -344,6 +344,8 @@ def kv_cache_append_(cache_k: Tensor, cache_v: Tensor, k: Tensor, v: Tensor,
     positions serve left-padded and ragged batches. Slots outside ``[0, S_max)`` are skipped
     rather than checked, because checking would need a host sync, which graphs forbid.
     Not differentiable: the cache is state, so ``k`` and ``v`` are written detached.
+    Graph capture needs the CUDA kernel: the PyTorch reference (CPU, or a GPU without the
+    built extension) selects the in-range slots with a data-dependent boolean index.
 
     Args:
         cache_k: ``[B, kv_heads, S_max, d]`` (any strides with a dense last dim), mutated.

@@ -438,6 +438,7 @@ def test_cuda_split_merge_kernels(dtype, batch, seq, hidden, heads, chunks):
     (32, 12, 128, 128, 64, False, True),   # BERT with right padding
     (8, 12, 1024, 1024, 64, True, False),  # GPT-2, is_causal fast path
     (4, 8, 7, 300, 128, True, True),       # chunked prefill against a cache, padded keys
+    (2, 4, 16, 80, 64, True, False),       # chunked prefill, causal only: causal_lower_right path
     (1, 4, 8192, 8192, 64, True, False),   # 8192 tokens
     (2, 3, 1, 33, 80, True, False),        # one decoded token, odd sizes
 ])
