@@ -18,11 +18,13 @@
 // reduced loss turns NaN (visible to fairseq's and AMP's overflow checks) and nothing reads out
 // of bounds. The CPU reference raises ValueError instead.
 //
-// Memory access: each row is split into a scalar head up to the first 16-byte boundary, whole
-// 16-byte packs, and a scalar tail, so rows of any length (V = 50257, odd, included) and any
-// starting address are read with 16-byte loads. The backward writing to a separate buffer uses
-// the packed path when the gradient's rows share the logits' misalignment (always, for buffers
-// from the caching allocator), else the scalar path.
+// Memory access: rows may be padded (row stride >= V, unit column stride), as the fused linear
+// path allocates them so cuBLAS gets aligned leading dimensions. Each row is split into a scalar
+// head up to the first 16-byte boundary, whole 16-byte packs, and a scalar tail, so rows of any
+// length (V = 50257, odd, included) and any starting address are read with 16-byte loads. The
+// backward writing to a separate buffer uses the packed path when every gradient row shares its
+// logits row's misalignment (always, for contiguous buffers from the caching allocator), else the
+// scalar path.
 //
 // Two launch flavours write the gradient into the logits buffer itself, for the chunked fused
 // linear + cross-entropy in fastpatch/ops/cross_entropy.py, whose logits are a scratch chunk:
@@ -187,17 +189,17 @@ __device__ __forceinline__ void zero_row(T* grad, int64_t V, const RowSpan& span
 // gradient of sum(loss rows), for the fused linear cross-entropy).
 template <typename T, int N>
 __global__ void __launch_bounds__(kMaxThreads)
-cross_entropy_fwd_kernel(const T* logits, const int64_t* __restrict__ target, float* __restrict__ loss,
-                         float* __restrict__ nll, float* __restrict__ lse_out, T* grad, int64_t V,
-                         int64_t ignore_index, float a, float b) {
+cross_entropy_fwd_kernel(const T* logits, int64_t stride, const int64_t* __restrict__ target,
+                         float* __restrict__ loss, float* __restrict__ nll, float* __restrict__ lse_out,
+                         T* grad, int64_t V, int64_t ignore_index, float a, float b) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
-  const T* row = logits + r * V;
+  const T* row = logits + r * stride;
   const int64_t t = target[r];
   const RowSpan span = split_row<T, N>(row, V);
   if (t == ignore_index) {  // uniform over the block: padding rows cost no logits traffic
     if (threadIdx.x == 0) loss[r] = nll[r] = lse_out[r] = 0.f;
-    if (grad != nullptr) zero_row<T, N>(grad + r * V, V, span);
+    if (grad != nullptr) zero_row<T, N>(grad + r * stride, V, span);
     return;
   }
   const bool in_range = t >= 0 && t < V;
@@ -214,7 +216,7 @@ cross_entropy_fwd_kernel(const T* logits, const int64_t* __restrict__ target, fl
   }
   if (grad != nullptr) {
     const float c1 = in_range ? a : NAN, c2 = in_range ? b : NAN;
-    write_row_grad<T, N>(row, grad + r * V, V, span, t, lse, c1, c2);
+    write_row_grad<T, N>(row, grad + r * stride, V, span, t, lse, c1, c2);
   }
 }
 
@@ -222,22 +224,22 @@ cross_entropy_fwd_kernel(const T* logits, const int64_t* __restrict__ target, fl
 template <typename T, int N>
 __global__ void __launch_bounds__(kMaxThreads)
 cross_entropy_bwd_kernel(const float* __restrict__ grad_loss, const float* __restrict__ grad_nll,
-                         const T* logits, const int64_t* __restrict__ target,
-                         const float* __restrict__ lse, T* grad, int64_t V, int64_t ignore_index,
-                         float a, float b) {
+                         const T* logits, int64_t stride, const int64_t* __restrict__ target,
+                         const float* __restrict__ lse, T* grad, int64_t grad_stride, int64_t V,
+                         int64_t ignore_index, float a, float b) {
   const int64_t r = blockIdx.x;
-  const T* row = logits + r * V;
+  const T* row = logits + r * stride;
   const int64_t t = target[r];
-  const RowSpan span = split_row<T, N>(row, V);
+  const RowSpan span = split_row<T, N>(row, V);  // the host made sure grad's rows split alike
   if (t == ignore_index) {
-    zero_row<T, N>(grad + r * V, V, span);
+    zero_row<T, N>(grad + r * grad_stride, V, span);
     return;
   }
   const float gl = grad_loss != nullptr ? grad_loss[r] : 0.f;
   const float gn = grad_nll != nullptr ? grad_nll[r] : 0.f;
   const bool in_range = t >= 0 && t < V;
   const float c1 = in_range ? gl * a + gn : NAN, c2 = in_range ? gl * b : NAN;
-  write_row_grad<T, N>(row, grad + r * V, V, span, t, lse[r], c1, c2);
+  write_row_grad<T, N>(row, grad + r * grad_stride, V, span, t, lse[r], c1, c2);
 }
 
 // Enough threads to give each about 8 packs, within [128, kMaxThreads], a multiple of 32.
@@ -248,11 +250,15 @@ int threads_for(int64_t V, int pack) {
   return threads;
 }
 
+// logits: [rows, V] with unit column stride and row stride >= V (padded rows are fine).
 void check_rows(const at::Tensor& logits, const at::Tensor& target) {
-  FP_CHECK_INPUT(logits);
+  FP_CHECK_CUDA(logits);
   FP_CHECK_INPUT(target);
   TORCH_CHECK(logits.dim() == 2, "logits must be [rows, V], got ", logits.sizes());
   TORCH_CHECK(logits.size(1) > 0, "logits must have at least one class");
+  TORCH_CHECK(logits.stride(1) == 1 && (logits.size(0) <= 1 || logits.stride(0) >= logits.size(1)),
+              "logits rows must be dense (unit column stride, row stride >= V), got strides ",
+              logits.strides());
   TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64");
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "target must be [rows]");
   TORCH_CHECK(target.device() == logits.device(), "target must be on logits' device");
@@ -284,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_forward(const at::Tensor& 
     const int threads = threads_for(V, N);
     scalar_t* grad = grad_in_place ? logits.data_ptr<scalar_t>() : nullptr;
     cross_entropy_fwd_kernel<scalar_t, N><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), loss.data_ptr<float>(),
+        logits.data_ptr<scalar_t>(), logits.stride(0), target.data_ptr<int64_t>(), loss.data_ptr<float>(),
         nll.data_ptr<float>(), lse.data_ptr<float>(), grad, V, ignore_index,
         static_cast<float>(a), static_cast<float>(b));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -308,13 +314,16 @@ void launch_backward(const c10::optional<at::Tensor>& grad_loss,
   FP_DISPATCH_FLOAT(logits.scalar_type(), "cross_entropy_bwd", [&] {
     constexpr int N = pack_size<scalar_t>();
     const int threads = threads_for(V, N);
-    // The packed path needs the gradient's rows to split like the logits' rows.
+    // The packed path needs every gradient row to split like its logits row: equal base
+    // addresses and row strides modulo 16 bytes.
     const auto offset = reinterpret_cast<uintptr_t>(grad.data_ptr()) - reinterpret_cast<uintptr_t>(logits.data_ptr());
-    const bool packed = offset % 16 == 0;
+    const int64_t stride_diff = (grad.stride(0) - logits.stride(0)) * int64_t(sizeof(scalar_t));
+    const bool packed = offset % 16 == 0 && stride_diff % 16 == 0;
     auto launch = [&](auto kernel) {
       kernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-          gl, gn, logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<float>(),
-          grad.data_ptr<scalar_t>(), V, ignore_index, static_cast<float>(a), static_cast<float>(b));
+          gl, gn, logits.data_ptr<scalar_t>(), logits.stride(0), target.data_ptr<int64_t>(),
+          lse.data_ptr<float>(), grad.data_ptr<scalar_t>(), grad.stride(0), V, ignore_index,
+          static_cast<float>(a), static_cast<float>(b));
     };
     if (packed) {
       launch(cross_entropy_bwd_kernel<scalar_t, N>);
@@ -342,8 +351,8 @@ at::Tensor cross_entropy_bwd(const c10::optional<at::Tensor>& grad_loss,
                              const c10::optional<at::Tensor>& grad_nll, const at::Tensor& logits,
                              const at::Tensor& target, const at::Tensor& lse, double a, double b,
                              int64_t ignore_index) {
-  FP_CHECK_INPUT(logits);
-  auto grad = at::empty_like(logits);
+  FP_CHECK_CUDA(logits);
+  auto grad = at::empty(logits.sizes(), logits.options());
   launch_backward(grad_loss, grad_nll, logits, target, lse, a, b, ignore_index, grad);
   return grad;
 }

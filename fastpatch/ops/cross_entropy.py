@@ -97,6 +97,14 @@ def _row_grad(g: Optional[Tensor]) -> Optional[Tensor]:
     return None if g is None else g.float().contiguous()
 
 
+def _dense_rows(logits: Tensor) -> Tensor:
+    """``logits`` as the kernels take it: unit column stride, row stride >= V (padded rows are
+    read in place; anything else is copied)."""
+    if logits.stride(-1) == 1 and (logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1]):
+        return logits
+    return logits.contiguous()
+
+
 # ------------------------------------------------------------------- cross-entropy custom ops
 @torch.library.custom_op("fastpatch::cross_entropy", mutates_args=())
 def cross_entropy_op(logits: Tensor, target: Tensor, a: float, b: float,
@@ -105,7 +113,7 @@ def cross_entropy_op(logits: Tensor, target: Tensor, a: float, b: float,
     (fp64 for fp64 logits); ignored rows are 0."""
     kernel = kernel_for("cross_entropy_fwd", logits, target)
     if kernel is not None:
-        return kernel(logits.contiguous(), target.contiguous(), a, b, ignore_index)
+        return kernel(_dense_rows(logits), target.contiguous(), a, b, ignore_index)
     return _reference_forward(logits, target, a, b, ignore_index)
 
 
@@ -123,7 +131,7 @@ def cross_entropy_backward_op(grad_loss: Optional[Tensor], grad_nll: Optional[Te
     None = 0), recomputing the softmax from the saved ``lse``."""
     kernel = kernel_for("cross_entropy_bwd", logits, target)
     if kernel is not None:
-        return kernel(_row_grad(grad_loss), _row_grad(grad_nll), logits.contiguous(),
+        return kernel(_row_grad(grad_loss), _row_grad(grad_nll), _dense_rows(logits),
                       target.contiguous(), lse.float().contiguous(), a, b, ignore_index)
     return _reference_backward(grad_loss, grad_nll, logits, target, lse, a, b, ignore_index)
 
@@ -165,7 +173,17 @@ def _chunks(rows: int, vocab: int, itemsize: int) -> list[tuple[int, int]]:
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    """``hidden @ weight.T + bias`` as ``[C, V]`` rows padded to a multiple of 64 elements.
+
+    An odd V (50257) as the leading dimension pushes cuBLAS onto slow unaligned kernels for this
+    matmul and both gradient matmuls (eager's logits suffer from it; Inductor pads likewise); the
+    padded rows also start 16-byte aligned for the CE kernel."""
+    vocab = weight.shape[0]
+    padded = -(-vocab // 64) * 64
+    logits = hidden.new_empty((hidden.shape[0], padded))[:, :vocab]
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=logits)
+    return torch.addmm(bias, hidden, weight.t(), out=logits)
 
 
 def _chunk_forward(logits: Tensor, target: Tensor, a: float, b: float, ignore_index: int,
@@ -539,7 +557,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
 
     Args:
         hidden: ``[..., H]``, fp32/fp16/bf16 (fp64: reference path).
-        weight: ``[V, H]`` (e.g. the tied output embedding), ``hidden``'s dtype and device.
+        weight: ``[V, H]`` (e.g. the tied output embedding), ``hidden``'s dtype and device;
+            under autocast both are cast to the autocast dtype first, as ``F.linear`` does.
         target: ``[...]`` (``hidden``'s leading shape), int64 (int32 accepted).
         bias: ``[V]`` or None.
         epsilon, ignore_index, reduction: as :func:`label_smoothed_cross_entropy`.
@@ -549,6 +568,11 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     """
     check_tensor("hidden", hidden, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
+    if torch.is_autocast_enabled(hidden.device.type):
+        # As F.linear under autocast: AMP keeps fp32 master weights next to half activations.
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     check_like("weight", weight, "hidden", hidden)
     if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight must be [V, {hidden.shape[-1]}] with V > 0 (hidden is "

@@ -245,6 +245,19 @@ def test_fused_linear_fp32_and_padding_index(tiny_chunks):
         assert_close_relative(a, b, 1e-6)
 
 
+def test_fused_linear_under_autocast_casts_like_linear():
+    hidden = torch.randn(6, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)  # fp32 master weight, as AMP keeps it
+    target = torch.randint(0, 37, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = fused_linear_cross_entropy(hidden, weight, target, epsilon=0.1)
+        ref, _ = naive_fairseq(F.linear(hidden, weight), target, 0.1, -100, "sum", compute=torch.float32)
+    assert loss.dtype == torch.float32
+    assert_close_relative(loss, ref, 1e-5)
+    loss.backward()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+
+
 def test_fused_linear_gradcheck(tiny_chunks):
     hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(37, 4, dtype=torch.float64, requires_grad=True)
