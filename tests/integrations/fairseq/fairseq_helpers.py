@@ -74,6 +74,19 @@ def argv(args: Sequence[str]):
         sys.argv = saved
 
 
+def train_flags(data, save_dir, max_update=6, ls_modules=False, extra=(), cpu=True):
+    """transformer_tiny, Adam, label-smoothed CE, dropout 0, fp32 (on the CPU unless ``cpu`` is
+    False); ``ls_modules`` selects the ls_* arch, optimizer and criterion."""
+    prefix = "ls_" if ls_modules else ""
+    return [data, "--arch", f"{prefix}transformer_tiny", "--optimizer", f"{prefix}adam",
+            "--adam-betas", "(0.9, 0.98)", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt",
+            "--warmup-updates", "4", "--criterion", f"{prefix}label_smoothed_cross_entropy",
+            "--label-smoothing", "0.1", "--max-tokens", "2000", "--dropout", "0",
+            "--max-update", str(max_update), "--seed", "1", "--num-workers", "0",
+            "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--no-progress-bar",
+            "--disable-validation", *(["--cpu"] if cpu else []), *extra]
+
+
 @contextlib.contextmanager
 def recorded_updates():
     """Records, for every ``train_step``: the loss per token and how many modules of the model
@@ -95,6 +108,14 @@ def recorded_updates():
         yield records
     finally:
         FairseqTask.train_step = original
+
+
+def preprocess(args: Sequence[str]) -> None:
+    """``fairseq-preprocess`` in this process."""
+    from fairseq_cli import preprocess as command
+
+    with argv(["fairseq-preprocess"] + list(args)):
+        command.cli_main()
 
 
 def fairseq_train(args: Sequence[str]) -> List[Dict]:

@@ -248,3 +248,38 @@ def test_add_bias_kv_and_return_fc_are_reported():
     report = fastpatch.report(fastpatch.accelerate(holder))
     assert "add_bias_kv" in report.skipped["dec"]
     assert "return_fc" in report.skipped["enc"]
+
+
+def test_bart_with_beamable_encoder_attention():
+    """BART: same layers, plus ``set_beam_size`` (the cross-attention keeps one key/value row per
+    source sentence, not per hypothesis) on SequenceGenerator's path."""
+    import argparse
+
+    from fairseq.models.bart import BARTModel
+    from fairseq.models.bart.model import bart_base_architecture
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from fairseq_helpers import DictTask
+
+    d = dictionary()
+    args = argparse.Namespace(arch="bart_base", encoder_embed_dim=32, encoder_ffn_embed_dim=48,
+                              encoder_layers=2, encoder_attention_heads=4, decoder_embed_dim=32,
+                              decoder_ffn_embed_dim=48, decoder_layers=2, decoder_attention_heads=4,
+                              dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                              max_source_positions=64, max_target_positions=64)
+    bart_base_architecture(args)
+    torch.manual_seed(0)
+    original, fused = twin(BARTModel.build_model(args, DictTask(d)))
+    assert fastpatch.report(fused).fully_accelerated
+    src, lengths, prev, _ = padded_pair(d)
+    assert_close_relative(fused(src, lengths, prev)[0], original(src, lengths, prev)[0], TOL, "BART")
+    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+    results = []
+    for model in (original, fused):
+        model.eval()
+        results.append(SequenceGenerator([model], d, beam_size=4, max_len_b=10).generate([model], sample))
+    assert fused.decoder.layers[0].encoder_attn.beam_size == 4
+    for hyps_a, hyps_b in zip(*results):
+        for a, b in zip(hyps_a, hyps_b):
+            assert torch.equal(a["tokens"], b["tokens"])
+            assert abs(float(a["score"]) - float(b["score"])) < 1e-5

@@ -10,40 +10,14 @@ import torch
 pytest.importorskip("fairseq")
 
 from fairseq_helpers import (argv, fairseq_train, hypotheses, lightseq_generate,  # noqa: E402
-                             lightseq_train, plain_fairseq_generate, quiet_stdout)
+                             lightseq_train, plain_fairseq_generate, preprocess, quiet_stdout,
+                             train_flags)
 
 from fastpatch.integrations.fairseq import corpus  # noqa: E402
 from fastpatch.integrations.fairseq.checkpoints import allow_fairseq_checkpoints  # noqa: E402
 from fastpatch.integrations.fairseq.demo import preprocess_args  # noqa: E402
 
 LOSS_TOL = 1e-4
-
-
-def _preprocess(args):
-    from fairseq_cli import preprocess
-
-    with argv(["fairseq-preprocess"] + args):
-        preprocess.cli_main()
-
-
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    """The bundled corpus, binarized by fairseq-preprocess."""
-    destdir = str(tmp_path_factory.mktemp("fairseq") / "data-bin")
-    _preprocess(preprocess_args(destdir))
-    return destdir
-
-
-def train_flags(data, save_dir, max_update=6, ls_modules=False, extra=()):
-    """transformer_tiny, Adam, label-smoothed CE, dropout 0, fp32 on the CPU."""
-    prefix = "ls_" if ls_modules else ""
-    return [data, "--arch", f"{prefix}transformer_tiny", "--optimizer", f"{prefix}adam",
-            "--adam-betas", "(0.9, 0.98)", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt",
-            "--warmup-updates", "4", "--criterion", f"{prefix}label_smoothed_cross_entropy",
-            "--label-smoothing", "0.1", "--max-tokens", "2000", "--dropout", "0",
-            "--max-update", str(max_update), "--seed", "1", "--cpu", "--num-workers", "0",
-            "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--no-progress-bar",
-            "--disable-validation", *extra]
 
 
 def _checkpoint(path):
@@ -134,7 +108,7 @@ def test_unknown_arch_is_fairseqs_argparse_error(data_bin, tmp_path, capsys):
 def test_mismatched_dictionary_and_corrupt_checkpoint_errors(data_bin, lightseq_checkpoint, tmp_path):
     """The errors fairseq itself gives, raised before any fused kernel runs."""
     small = str(tmp_path / "small-vocab-bin")  # the same corpus with 50-word dictionaries
-    _preprocess(preprocess_args(small) + ["--nwordssrc", "50", "--nwordstgt", "50"])
+    preprocess(preprocess_args(small) + ["--nwordssrc", "50", "--nwordstgt", "50"])
     with pytest.raises(RuntimeError, match="size mismatch for encoder.embed_tokens.weight") as err:
         lightseq_generate([small, "--path", lightseq_checkpoint, *GENERATE])
     assert not any("fastpatch" in f and "ops" in f for f in _frames(err.value))

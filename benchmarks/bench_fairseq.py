@@ -1,0 +1,365 @@
+"""fairseq-train vs lightseq-train (words/s) and fairseq-generate vs lightseq-generate
+(sentences/s), same data, same flags, same run; optional BLEU after training the bundled task
+and a two-GPU (DDP) run.
+
+    python benchmarks/bench_fairseq.py [--out benchmarks/results] [--parts train generate bleu ddp]
+
+* train: a synthetic WMT-shaped corpus (joined 32k vocabulary, Zipf-distributed tokens, 5-80
+  tokens per sentence), fairseq's WMT en-de recipe flags (``--arch transformer_wmt_en_de
+  --share-all-embeddings --fp16 --max-tokens 8192``, Adam, label-smoothed CE). Rows:
+  ``fairseq-train``; ``lightseq-train`` with the same flags; ``lightseq-train`` with the ``ls_*``
+  arch, optimizer and criterion. words/s is the median of fairseq's own ``wps`` over the logged
+  intervals after the first (warm-up) ones.
+* generate: a checkpoint of that model, beam 4, ``--min-len 20 --max-len-b 30`` so that
+  hypotheses have realistic length; ``--batch-size 1`` and ``128``; sentences/s as fairseq-generate
+  reports it (generation time only).
+* bleu: the bundled toy corpus trained by both commands with the same flags, BLEU on its test set.
+* ddp: ``--distributed-world-size 2`` when two GPUs are there; otherwise the JSON says not run.
+
+Each fairseq command runs in its own process (as a user runs it); plain fairseq-generate gets
+only fairseq's checkpoint types allow-listed for torch >= 2.6, nothing else from fastpatch.
+``--cpu --smoke`` runs a tiny version of everything on the CPU (checks the script, no timings).
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from harness import environment  # noqa: E402
+
+PLAIN_GENERATE = ("import sys; from fastpatch.integrations.fairseq.checkpoints import "
+                  "allow_fairseq_checkpoints; allow_fairseq_checkpoints(); "
+                  "from fairseq_cli.generate import cli_main; sys.argv[0] = 'fairseq-generate'; "
+                  "cli_main()")
+COMMANDS = {
+    "fairseq-train": [sys.executable, "-m", "fairseq_cli.train"],
+    "lightseq-train": [sys.executable, "-m", "fastpatch.integrations.fairseq.cli", "train"],
+    "fairseq-generate": [sys.executable, "-c", PLAIN_GENERATE],
+    "lightseq-generate": [sys.executable, "-m", "fastpatch.integrations.fairseq.cli", "generate"],
+}
+
+
+def ensure_fastpatch_installed():
+    """``fastpatch.integrations`` only exists in an installed fastpatch (setup.py maps it onto
+    ``integrations/``); a checkout used through PYTHONPATH gets an editable install, without
+    rebuilding the kernels."""
+    probe = subprocess.run([sys.executable, "-c", "import fastpatch.integrations.fairseq"],
+                           capture_output=True, text=True)
+    if probe.returncode == 0:
+        return
+    print("fastpatch.integrations is not importable: pip install --no-build-isolation --no-deps "
+          "-e . (FASTPATCH_BUILD_CUDA=0: keeps the kernels built in place)", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation",
+                    "--no-deps", "-e", ROOT], check=True, cwd=ROOT,
+                   env=dict(os.environ, FASTPATCH_BUILD_CUDA="0"))
+
+
+def run(name, args, log_dir, tag):
+    """Runs a command to completion; returns its output (stdout + stderr). Raises on failure."""
+    command = COMMANDS[name] + [str(a) for a in args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    output = result.stdout + result.stderr
+    with open(os.path.join(log_dir, f"{tag}.log"), "w") as f:
+        f.write(" ".join(command) + "\n\n" + output)
+    if result.returncode != 0:
+        tail = "\n".join(output.splitlines()[-15:])
+        raise RuntimeError(f"{name} failed (exit {result.returncode}):\n{tail}")
+    return output
+
+
+# ------------------------------------------------------------------------------------- data
+def synthetic_corpus(directory, pairs, vocab, seed=0):
+    """WMT-shaped token streams: Zipf-distributed ids of a joined vocabulary, 5-80 tokens; the
+    target is a fixed relabelling of the source with local reordering (a learnable mapping)."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab)]
+    weights = [1.0 / (rank + 10) for rank in range(vocab)]
+    cum, total = [], 0.0
+    for w in weights:
+        total += w
+        cum.append(total)
+    relabel = list(range(vocab))
+    rng.shuffle(relabel)
+    os.makedirs(directory, exist_ok=True)
+    splits = {"train": pairs, "valid": 64, "test": 1024}
+    for split, count in splits.items():
+        with open(os.path.join(directory, f"{split}.src"), "w") as src, \
+                open(os.path.join(directory, f"{split}.tgt"), "w") as tgt:
+            for _ in range(count):
+                length = min(80, max(5, int(rng.gauss(27, 10))))
+                ids = rng.choices(range(vocab), cum_weights=cum, k=length)
+                out = [relabel[i] for i in ids]
+                for k in range(0, length - 1, 3):  # swap neighbours: some reordering
+                    out[k], out[k + 1] = out[k + 1], out[k]
+                src.write(" ".join(words[i] for i in ids) + "\n")
+                tgt.write(" ".join(words[i] for i in out) + "\n")
+    return directory
+
+
+@contextlib.contextmanager
+def _argv(argv):
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def preprocess(text_dir, dest, joined=True):
+    args = ["--source-lang", "src", "--target-lang", "tgt", "--destdir", dest,
+            "--workers", str(min(8, os.cpu_count() or 1))]
+    for split, flag in (("train", "--trainpref"), ("valid", "--validpref"), ("test", "--testpref")):
+        args += [flag, os.path.join(text_dir, split)]
+    if joined:
+        args.append("--joined-dictionary")
+    from fairseq_cli import preprocess as command
+
+    with _argv(["fairseq-preprocess"] + args):
+        command.cli_main()
+    return dest
+
+
+# ------------------------------------------------------------------------------------ train
+def train_flags(data, args, save_dir, ls_modules, max_update, extra=()):
+    prefix = "ls_" if ls_modules else ""
+    flags = [data, "--arch", prefix + args.arch, "--share-all-embeddings",
+             "--optimizer", prefix + "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0",
+             "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
+             "--dropout", "0.1", "--weight-decay", "0.0001",
+             "--criterion", prefix + "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+             "--max-tokens", str(args.max_tokens), "--max-update", str(max_update),
+             "--log-format", "json", "--log-interval", str(args.log_interval),
+             "--disable-validation", "--seed", "1", "--num-workers", "2",
+             "--save-dir", save_dir, "--no-epoch-checkpoints", *args.precision_flags, *extra]
+    return flags
+
+
+def parse_train(output, warmup_intervals):
+    rows = [json.loads(line[line.index("{"):]) for line in output.splitlines()
+            if "| train_inner |" in line and "{" in line]
+    if not rows:
+        raise RuntimeError("no train_inner lines in the log")
+    steady = rows[warmup_intervals:] or rows[-1:]
+    wps = [float(r["wps"]) for r in steady]
+    return dict(wps=statistics.median(wps), wps_all=[float(r["wps"]) for r in rows],
+                final_loss=float(rows[-1]["loss"]), updates=int(rows[-1]["num_updates"]),
+                gb_free=float(rows[-1]["gb_free"]) if "gb_free" in rows[-1] else None)
+
+
+def bench_train(args, data, work, log_dir):
+    variants = [("fairseq-train", "fairseq-train", False),
+                ("lightseq-train", "lightseq-train", False),
+                ("lightseq-train ls_*", "lightseq-train", True)]
+    rows = []
+    for label, command, ls_modules in variants:
+        save_dir = os.path.join(work, "train-" + label.replace(" ", "_").replace("*", "all"))
+        flags = train_flags(data, args, save_dir, ls_modules, args.updates, ["--no-save"])
+        try:
+            row = parse_train(run(command, flags, log_dir, "train-" + os.path.basename(save_dir)),
+                              args.warmup_intervals)
+            row.update(variant=label, note="")
+        except RuntimeError as exc:
+            row = dict(variant=label, wps=None, note=str(exc)[-600:])
+        rows.append(row)
+        print(f"train {label}: {row.get('wps')} words/s", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------- generate
+_TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
+                         r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)")
+_BLEU = re.compile(r"BLEU4? = ([\d.]+)")
+
+
+def parse_generate(output):
+    match = _TRANSLATED.search(output)
+    if match is None:
+        raise RuntimeError("no 'Translated ... sentences/s' line in the log")
+    sentences, tokens = (int(match.group(i).replace(",", "")) for i in (1, 2))
+    bleu = _BLEU.search(output)
+    return dict(sentences=sentences, tokens=tokens, seconds=float(match.group(3)),
+                sentences_per_s=float(match.group(4)), tokens_per_s=float(match.group(5)),
+                bleu=float(bleu.group(1)) if bleu else None)
+
+
+def bench_generate(args, data, work, log_dir):
+    save_dir = os.path.join(work, "gen-model")
+    run("fairseq-train", train_flags(data, args, save_dir, False, 1), log_dir, "gen-model")
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    rows = []
+    for batch, subset in ((1, "valid"), (128, "test")):
+        for command in ("fairseq-generate", "lightseq-generate"):
+            flags = [data, "--path", checkpoint, "--gen-subset", subset, "--beam", "4",
+                     "--batch-size", str(batch), "--required-batch-size-multiple", "1",
+                     "--min-len", str(args.min_len), "--max-len-a", "0",
+                     "--max-len-b", str(args.min_len + 10), "--num-workers", "2",
+                     *args.precision_flags]
+            try:
+                row = parse_generate(run(command, flags, log_dir, f"gen-{command}-b{batch}"))
+                row.update(variant=command, batch=batch, note="")
+            except RuntimeError as exc:
+                row = dict(variant=command, batch=batch, sentences_per_s=None, note=str(exc)[-600:])
+            rows.append(row)
+            print(f"generate {command} batch {batch}: {row.get('sentences_per_s')} sentences/s",
+                  flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- bleu
+def bench_bleu(args, work, log_dir):
+    """The bundled corpus, trained by both commands with identical flags, then BLEU (beam 4)."""
+    from fastpatch.integrations.fairseq.demo import generate_args, preprocess_args, train_args
+
+    data = os.path.join(work, "toy-bin")
+    from fairseq_cli import preprocess as command
+
+    with _argv(["fairseq-preprocess"] + preprocess_args(data)):
+        command.cli_main()
+    # the demo's recipe with fairseq's own modules, so that both commands get the same flags
+    plain = {"ls_transformer": "transformer", "ls_adam": "adam",
+             "ls_label_smoothed_cross_entropy": "label_smoothed_cross_entropy"}
+    result = {}
+    for trainer, generator in (("fairseq-train", "fairseq-generate"),
+                               ("lightseq-train", "lightseq-generate")):
+        save_dir = os.path.join(work, "toy-" + trainer)
+        flags = [plain.get(f, f) for f in train_args(data, save_dir, args.bleu_updates, args.cpu)]
+        run(trainer, flags + args.precision_flags, log_dir, "bleu-" + trainer)
+        results_dir = os.path.join(save_dir, "translations")
+        run(generator, generate_args(data, os.path.join(save_dir, "checkpoint_last.pt"),
+                                     results_dir, args.cpu) + args.precision_flags,
+            log_dir, "bleu-" + generator)
+        with open(os.path.join(results_dir, "generate-test.txt")) as f:
+            bleu = _BLEU.search(f.read())
+        result[trainer] = float(bleu.group(1)) if bleu else None
+        print(f"bleu {trainer}: {result[trainer]}", flush=True)
+    if None not in result.values():
+        result["difference"] = result["lightseq-train"] - result["fairseq-train"]
+    return result
+
+
+# -------------------------------------------------------------------------------------- ddp
+def bench_ddp(args, data, work, log_dir):
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        return dict(run=False, note=f"not run: {gpus} GPU(s) on this machine, 2 needed")
+    result = dict(run=True)
+    for command in ("fairseq-train", "lightseq-train"):
+        save_dir = os.path.join(work, "ddp-" + command)
+        flags = train_flags(data, args, save_dir, False, args.updates,
+                            ["--no-save", "--distributed-world-size", "2"])
+        try:
+            result[command] = parse_train(run(command, flags, log_dir, "ddp-" + command),
+                                          args.warmup_intervals)
+        except RuntimeError as exc:
+            result[command] = dict(wps=None, note=str(exc)[-600:])
+        print(f"ddp {command}: {result[command].get('wps')} words/s", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------- main
+def ratio(a, b):
+    return f"{a / b:5.2f}x" if a and b else "    -"
+
+
+def report(results):
+    env = results["environment"]
+    print(f"\n# fairseq  device={env.get('device')} torch={env.get('torch')} "
+          f"commit={env.get('commit')} date={env.get('date')} {results['config']}")
+    if "train" in results:
+        base = results["train"][0].get("wps")
+        print(f"{'training':28} {'words/s':>10} {'vs fairseq':>10}")
+        for r in results["train"]:
+            wps = r.get("wps")
+            print(f"{r['variant']:28} {wps or 0:10.0f} {ratio(wps, base):>10}  {r.get('note', '')[:80]}")
+    if "generate" in results:
+        print(f"{'generation (beam 4)':28} {'batch':>5} {'sent/s':>9} {'vs fairseq':>10}")
+        by_batch = {}
+        for r in results["generate"]:
+            by_batch.setdefault(r["batch"], {})[r["variant"]] = r
+        for batch, rows in by_batch.items():
+            base = rows.get("fairseq-generate", {}).get("sentences_per_s")
+            for variant, r in rows.items():
+                s = r.get("sentences_per_s")
+                print(f"{variant:28} {batch:5d} {s or 0:9.2f} {ratio(s, base):>10}  "
+                      f"{r.get('note', '')[:80]}")
+    if "bleu" in results:
+        print(f"BLEU (bundled corpus): {results['bleu']}")
+    if "ddp" in results:
+        d = results["ddp"]
+        if not d.get("run"):
+            print(f"DDP: {d['note']}")
+        else:
+            a, b = (d.get(k, {}).get("wps") for k in ("fairseq-train", "lightseq-train"))
+            print(f"DDP x2 words/s: fairseq {a}, lightseq {b} ({ratio(b, a).strip()})")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--parts", nargs="+", default=["train", "generate", "bleu", "ddp"],
+                        choices=["train", "generate", "bleu", "ddp"])
+    parser.add_argument("--arch", default="transformer_wmt_en_de")
+    parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--updates", type=int, default=150)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--warmup-intervals", type=int, default=3,
+                        help="logged intervals left out of the words/s median")
+    parser.add_argument("--pairs", type=int, default=60000, help="synthetic training pairs")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--min-len", type=int, default=20, help="generation --min-len")
+    parser.add_argument("--bleu-updates", type=int, default=1500)
+    parser.add_argument("--work", help="working directory (default: a temporary one)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (with --smoke)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes: checks that every part runs, timings mean nothing")
+    args = parser.parse_args()
+    if args.smoke:
+        args.arch, args.max_tokens, args.updates, args.log_interval = "transformer_tiny", 1024, 6, 2
+        args.warmup_intervals, args.pairs, args.vocab, args.bleu_updates = 1, 600, 300, 4
+    args.precision_flags = [] if args.precision == "fp32" or args.cpu else [f"--{args.precision}"]
+    if args.cpu:
+        args.precision_flags.append("--cpu")
+
+    ensure_fastpatch_installed()
+    work = args.work or tempfile.mkdtemp(prefix="bench-fairseq-")
+    log_dir = os.path.join(args.out, "fairseq-logs")
+    os.makedirs(log_dir, exist_ok=True)
+    env = environment() if torch.cuda.is_available() else dict(device="cpu", torch=torch.__version__)
+    env["date"] = datetime.date.today().isoformat()
+    results = dict(environment=env, config=dict(arch=args.arch, precision=args.precision,
+                                                max_tokens=args.max_tokens, updates=args.updates))
+    data = None
+    if {"train", "generate", "ddp"} & set(args.parts):
+        data = preprocess(synthetic_corpus(os.path.join(work, "text"), args.pairs, args.vocab),
+                          os.path.join(work, "data-bin"))
+    if "train" in args.parts:
+        results["train"] = bench_train(args, data, work, log_dir)
+    if "generate" in args.parts:
+        results["generate"] = bench_generate(args, data, work, log_dir)
+    if "bleu" in args.parts:
+        results["bleu"] = bench_bleu(args, work, log_dir)
+    if "ddp" in args.parts:
+        results["ddp"] = bench_ddp(args, data, work, log_dir)
+    with open(os.path.join(args.out, "fairseq.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    report(results)
+    print(f"\n(logs of every command in {log_dir}; JSON in {os.path.join(args.out, 'fairseq.json')})")
+
+
+if __name__ == "__main__":
+    main()
