@@ -160,3 +160,27 @@ def test_lightseq_interactive_matches_fairseq_interactive(data_bin, lightseq_che
         outputs.append([line.split("\t")[-1] for line in lines if line.startswith("H-")])
     assert len(outputs[0]) == len(sources)
     assert outputs[0] == outputs[1]
+
+
+def test_accelerate_a_model_loaded_by_checkpoint_utils(data_bin, lightseq_checkpoint):
+    """fastpatch.accelerate on what fairseq's loaders return (a plain TransformerModel)."""
+    import copy
+
+    from fairseq import checkpoint_utils
+
+    import fastpatch
+
+    models, _ = checkpoint_utils.load_model_ensemble([lightseq_checkpoint],
+                                                     arg_overrides={"data": data_bin})
+    original = models[0].eval()
+    assert type(original).__name__ == "TransformerModel"
+    fused = fastpatch.accelerate(copy.deepcopy(original))
+    report = fastpatch.report(fused)
+    assert report.fully_accelerated and len(report.replaced) == 4, str(report)
+    src = torch.randint(4, 100, (3, 9))
+    src[1, :3] = 1
+    lengths = src.ne(1).sum(1)
+    prev = torch.randint(4, 100, (3, 6))
+    with torch.no_grad():
+        a, b = original(src, lengths, prev)[0], fused(src, lengths, prev)[0]
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
