@@ -35,8 +35,10 @@ class TransformerEmbedding(nn.Module):
         self.token_type_weight = (nn.Parameter(torch.empty(c.type_vocab_size, c.hidden_size,
                                                            dtype=dt))
                                   if c.type_vocab_size else None)
-        self.norm_weight = nn.Parameter(torch.empty(c.hidden_size, dtype=dt)) if c.layer_norm else None
-        self.norm_bias = nn.Parameter(torch.empty(c.hidden_size, dtype=dt)) if c.layer_norm else None
+        self.norm_weight = self.norm_bias = None
+        if c.layer_norm:
+            self.norm_weight = nn.Parameter(torch.empty(c.hidden_size, dtype=dt))
+            self.norm_bias = nn.Parameter(torch.empty(c.hidden_size, dtype=dt))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -87,7 +89,8 @@ class TransformerEmbedding(nn.Module):
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ValueError(f"start must be an int >= 0, got {start!r}")
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            got = (tuple(input_ids.shape) if isinstance(input_ids, Tensor)
+                   else type(input_ids).__name__)
             raise ValueError(f"input_ids must be a [batch, seq_len] tensor, got {got}")
         if c.positions == "none":
             if position_ids is not None:

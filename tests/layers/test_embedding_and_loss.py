@@ -90,9 +90,10 @@ def test_matches_fairseq_embedding(learned, layernorm, side):
     plain = randomize_(FairseqEmbedding(50, 36, pad, learned=learned, layernorm=layernorm))
     with torch.no_grad():
         plain.embed_tokens.weight[pad].zero_()
-    config = EmbeddingConfig(50, 36, padding_idx=pad, positions="learned" if learned else "sinusoidal",
-                             max_positions=64 + pad + 1, fairseq_positions=True, scale=math.sqrt(36),
-                             layer_norm=layernorm)
+    config = EmbeddingConfig(50, 36, padding_idx=pad,
+                             positions="learned" if learned else "sinusoidal",
+                             max_positions=64 + pad + 1, fairseq_positions=True,
+                             scale=math.sqrt(36), layer_norm=layernorm)
     fused = TransformerEmbedding(config)
     with torch.no_grad():
         fused.token_weight.copy_(plain.embed_tokens.weight)
@@ -245,7 +246,8 @@ def test_linear_cross_entropy_matches_projection_then_loss():
     weight = torch.randn(23, 8, requires_grad=True)
     target = torch.randint(0, 23, (4, 6))
     loss, nll = LinearCrossEntropy(0.1, ignore_index=0)(hidden, weight, target)
-    h2, w2 = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    h2 = hidden.detach().clone().requires_grad_(True)
+    w2 = weight.detach().clone().requires_grad_(True)
     ref_loss, ref_nll = fairseq_label_smoothed_nll_loss(
         F.log_softmax(h2 @ w2.t(), -1).view(-1, 23), target.view(-1), 0.1, 0)
     assert_close_relative(loss, ref_loss, TOL)

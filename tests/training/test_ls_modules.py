@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from fastpatch.training import (MODEL_ARCH, LSAdam, LSCrossEntropyLayer, LSTransformer,
                                 LSTransformerDecoderLayer, LSTransformerEmbeddingLayer,
                                 LSTransformerEncoderLayer, get_config)
-from layers.plain_layers import BertLayer, FairseqDecoderLayer, bert_extended_mask, padding_mask, randomize_
+from layers.plain_layers import (BertLayer, FairseqDecoderLayer, bert_extended_mask, padding_mask,
+                                 randomize_)
 from numerics import assert_close_relative
 
 TOL = 1e-5
@@ -215,6 +216,6 @@ def test_transformer_has_no_length_caps_and_plain_parameters():
     src, trg = torch.randint(1, 40, (4, 9)), torch.randint(1, 40, (4, 11))
     assert model(src, trg).shape == (4, 11, 40)  # 44 tokens > 16, lengths > 4
     names = dict(model.named_parameters())
-    assert "decoder.layers.0.cross_kv_weight" in names and "encoder.embed_tokens.token_weight" in names
+    assert {"decoder.layers.0.cross_kv_weight", "encoder.embed_tokens.token_weight"} <= set(names)
     assert model.decoder.output_projection.weight is model.decoder.embed_tokens.embeddings
     assert all(p.dtype == torch.float16 for p in model.half().parameters())
