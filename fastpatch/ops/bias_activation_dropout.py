@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ._autograd_utils import accumulation_dtype, sum_to_bias
 from ._checks import check_choice, check_like, check_probability, check_tensor
-from ._dispatch import kernel_for
+from ._dispatch import FusedOp, kernel_for
 from .activations import ACTIVATION_CODES, activation_derivative, apply_activation
 
 _CODE_TO_NAME = {code: name for name, code in ACTIVATION_CODES.items()}
@@ -48,9 +48,7 @@ def _reference_backward(grad_out: Tensor, x: Tensor, bias: Optional[Tensor], mas
     return grad.to(x.dtype)
 
 
-@torch.library.custom_op("fastpatch::bias_activation_dropout", mutates_args=())
-def bias_activation_dropout_op(x: Tensor, bias: Optional[Tensor], activation: int,
-                               p: float) -> tuple[Tensor, Tensor]:
+def _forward(x: Tensor, bias: Optional[Tensor], activation: int, p: float) -> tuple[Tensor, Tensor]:
     """Returns ``(out, keep_mask)``; ``keep_mask`` is uint8 like ``x``, or empty when p == 0."""
     kernel = kernel_for("bias_act_dropout_fwd", x, bias)
     if kernel is not None:
@@ -58,15 +56,13 @@ def bias_activation_dropout_op(x: Tensor, bias: Optional[Tensor], activation: in
     return _reference_forward(x, bias, activation, p)
 
 
-@bias_activation_dropout_op.register_fake
-def _(x, bias, activation, p):
+def _forward_fake(x, bias, activation, p):
     mask = x.new_empty(x.shape if p > 0.0 else _EMPTY_MASK_SHAPE, dtype=torch.uint8)
     return torch.empty_like(x, memory_format=torch.contiguous_format), mask
 
 
-@torch.library.custom_op("fastpatch::bias_activation_dropout_backward", mutates_args=())
-def bias_activation_dropout_backward_op(grad_out: Tensor, x: Tensor, bias: Optional[Tensor],
-                                        mask: Tensor, activation: int, p: float) -> Tensor:
+def _backward(grad_out: Tensor, x: Tensor, bias: Optional[Tensor], mask: Tensor, activation: int,
+              p: float) -> Tensor:
     kernel = kernel_for("bias_act_dropout_bwd", grad_out, x, bias)
     if kernel is not None:
         return kernel(grad_out.contiguous(), x.contiguous(),
@@ -74,8 +70,7 @@ def bias_activation_dropout_backward_op(grad_out: Tensor, x: Tensor, bias: Optio
     return _reference_backward(grad_out, x, bias, mask, activation, p)
 
 
-@bias_activation_dropout_backward_op.register_fake
-def _(grad_out, x, bias, mask, activation, p):
+def _backward_fake(grad_out, x, bias, mask, activation, p):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -85,16 +80,17 @@ def _setup_context(ctx, inputs, output):
     ctx.activation, ctx.p = activation, p
 
 
-def _backward(ctx, grad_out, _grad_mask):
+def _backward_formula(ctx, backward, grad_out, _grad_mask):
     x, bias, mask = ctx.saved_tensors
-    grad_x = bias_activation_dropout_backward_op(grad_out, x, bias, mask, ctx.activation, ctx.p)
+    grad_x = backward(grad_out, x, bias, mask, ctx.activation, ctx.p)
     grad_bias = None
     if bias is not None and ctx.needs_input_grad[1]:
         grad_bias = sum_to_bias(grad_x, bias.dtype)
     return grad_x, grad_bias, None, None
 
 
-bias_activation_dropout_op.register_autograd(_backward, setup_context=_setup_context)
+bias_activation_dropout_op = FusedOp("bias_activation_dropout", _forward, _forward_fake, _backward,
+                                     _backward_fake, _setup_context, _backward_formula)
 
 
 def bias_activation_dropout(x: Tensor, bias: Optional[Tensor] = None, activation: str = "gelu",
