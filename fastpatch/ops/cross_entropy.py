@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ._autograd_utils import accumulation_dtype
 from ._checks import check_choice, check_index_tensor, check_like, check_probability, check_tensor
-from ._dispatch import kernel_for
+from ._dispatch import FusedOp, kernel_for
 
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -106,8 +106,7 @@ def _dense_rows(logits: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------- cross-entropy custom ops
-@torch.library.custom_op("fastpatch::cross_entropy", mutates_args=())
-def cross_entropy_op(logits: Tensor, target: Tensor, a: float, b: float,
+def _ce_forward(logits: Tensor, target: Tensor, a: float, b: float,
                      ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """``logits`` [N, V], ``target`` [N] int64 -> per-row ``(loss, nll, lse)``, each [N] fp32
     (fp64 for fp64 logits); ignored rows are 0."""
@@ -117,14 +116,12 @@ def cross_entropy_op(logits: Tensor, target: Tensor, a: float, b: float,
     return _reference_forward(logits, target, a, b, ignore_index)
 
 
-@cross_entropy_op.register_fake
-def _(logits, target, a, b, ignore_index):
+def _ce_forward_fake(logits, target, a, b, ignore_index):
     rows = logits.new_empty((logits.shape[0],), dtype=accumulation_dtype(logits.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(rows)
 
 
-@torch.library.custom_op("fastpatch::cross_entropy_backward", mutates_args=())
-def cross_entropy_backward_op(grad_loss: Optional[Tensor], grad_nll: Optional[Tensor], logits: Tensor,
+def _ce_backward(grad_loss: Optional[Tensor], grad_nll: Optional[Tensor], logits: Tensor,
                               target: Tensor, lse: Tensor, a: float, b: float,
                               ignore_index: int) -> Tensor:
     """Gradient of the logits for per-row upstream gradients ``grad_loss``/``grad_nll`` ([N] or
@@ -136,8 +133,7 @@ def cross_entropy_backward_op(grad_loss: Optional[Tensor], grad_nll: Optional[Te
     return _reference_backward(grad_loss, grad_nll, logits, target, lse, a, b, ignore_index)
 
 
-@cross_entropy_backward_op.register_fake
-def _(grad_loss, grad_nll, logits, target, lse, a, b, ignore_index):
+def _ce_backward_fake(grad_loss, grad_nll, logits, target, lse, a, b, ignore_index):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -149,16 +145,16 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.a, ctx.b, ctx.ignore_index = a, b, ignore_index
 
 
-def _ce_backward(ctx, grad_loss, grad_nll, _grad_lse):
+def _ce_backward_formula(ctx, backward, grad_loss, grad_nll, _grad_lse):
     logits, target, lse = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0] and (grad_loss is not None or grad_nll is not None):
-        grad = cross_entropy_backward_op(grad_loss, grad_nll, logits, target, lse, ctx.a, ctx.b,
-                                         ctx.ignore_index)
+        grad = backward(grad_loss, grad_nll, logits, target, lse, ctx.a, ctx.b, ctx.ignore_index)
     return grad, None, None, None, None
 
 
-cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+cross_entropy_op = FusedOp("cross_entropy", _ce_forward, _ce_forward_fake, _ce_backward,
+                           _ce_backward_fake, _ce_setup_context, _ce_backward_formula)
 
 
 # ---------------------------------------------------------- fused linear + cross-entropy pieces

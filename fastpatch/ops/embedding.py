@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._autograd_utils import accumulation_dtype
 from ._checks import check_index_tensor, check_like, check_positive, check_probability, check_tensor
-from ._dispatch import kernel_for
+from ._dispatch import FusedOp, kernel_for
 
 _EMPTY = (0,)
 
@@ -155,8 +155,7 @@ def _reference_backward(grad_out, mask, stats, input_ids, token_weight, position
 
 
 # -------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fastpatch::transformer_embedding", mutates_args=())
-def transformer_embedding_op(input_ids: Tensor, token_weight: Tensor,
+def _forward(input_ids: Tensor, token_weight: Tensor,
                              position_ids: Optional[Tensor], position_weight: Optional[Tensor],
                              token_type_ids: Optional[Tensor],
                              token_type_weight: Optional[Tensor], ln_weight: Optional[Tensor],
@@ -182,8 +181,7 @@ def transformer_embedding_op(input_ids: Tensor, token_weight: Tensor,
                               padding_idx, scale, eps, p)
 
 
-@transformer_embedding_op.register_fake
-def _(input_ids, token_weight, position_ids, position_weight, token_type_ids, token_type_weight,
+def _forward_fake(input_ids, token_weight, position_ids, position_weight, token_type_ids, token_type_weight,
       ln_weight, ln_bias, sinusoidal, padding_idx, token_padding_idx, scale, eps, p):
     shape = (*input_ids.shape, token_weight.shape[1])
     out = token_weight.new_empty(shape)
@@ -193,8 +191,7 @@ def _(input_ids, token_weight, position_ids, position_weight, token_type_ids, to
     return out, mask, stats
 
 
-@torch.library.custom_op("fastpatch::transformer_embedding_backward", mutates_args=())
-def transformer_embedding_backward_op(
+def _backward(
         grad_out: Tensor, mask: Tensor, stats: Tensor, input_ids: Tensor, token_weight: Tensor,
         position_ids: Optional[Tensor], position_weight: Optional[Tensor],
         token_type_ids: Optional[Tensor], token_type_weight: Optional[Tensor],
@@ -218,8 +215,7 @@ def transformer_embedding_backward_op(
                                need_token, need_position, need_type, need_ln)
 
 
-@transformer_embedding_backward_op.register_fake
-def _(grad_out, mask, stats, input_ids, token_weight, position_ids, position_weight,
+def _backward_fake(grad_out, mask, stats, input_ids, token_weight, position_ids, position_weight,
       token_type_ids, token_type_weight, ln_weight, ln_bias, sinusoidal, padding_idx,
       token_padding_idx, scale, p, need_token, need_position, need_type, need_ln):
     def grad_of(weight, needed):
@@ -251,12 +247,12 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.p = scale, p
 
 
-def _backward(ctx, grad_out, _grad_mask, _grad_stats):
+def _backward_formula(ctx, backward, grad_out, _grad_mask, _grad_stats):
     (input_ids, token_weight, position_ids, position_weight, token_type_ids, token_type_weight,
      ln_weight, ln_bias, mask, stats) = ctx.saved_tensors
     needs = ctx.needs_input_grad
     need_ln = needs[_LN_W] or needs[_LN_B]
-    grads = transformer_embedding_backward_op(
+    grads = backward(
         grad_out, mask, stats, input_ids, token_weight, position_ids, position_weight,
         token_type_ids, token_type_weight, ln_weight, ln_bias, ctx.sinusoidal, ctx.padding_idx,
         ctx.token_padding_idx, ctx.scale, ctx.p, needs[_TOKEN], needs[_POSITION], needs[_TYPE],
@@ -268,7 +264,8 @@ def _backward(ctx, grad_out, _grad_mask, _grad_stats):
     return tuple(result)
 
 
-transformer_embedding_op.register_autograd(_backward, setup_context=_setup_context)
+transformer_embedding_op = FusedOp("transformer_embedding", _forward, _forward_fake, _backward,
+                                  _backward_fake, _setup_context, _backward_formula)
 
 
 # ------------------------------------------------------------------------------- public API
