@@ -49,9 +49,13 @@ class LayerAdapter:
 
 
 @functools.lru_cache(maxsize=None)
-def fused_subclass(mixin: type, original: type) -> type:
-    """``class Fused<Original>(mixin, original)``, created once per pair."""
-    name = f"Fused{original.__name__}"
+def fused_subclass(mixin: type, original: type, keep_name: bool = False) -> type:
+    """``class Fused<Original>(mixin, original)``, created once per pair.
+
+    ``keep_name`` keeps the original class name, for a model's root class: transformers writes
+    ``type(model).__name__`` into the saved config's ``architectures``.
+    """
+    name = original.__name__ if keep_name else f"Fused{original.__name__}"
     return type(name, (mixin, original), {"__module__": mixin.__module__,
                                             "_fastpatch_original_class": original})
 

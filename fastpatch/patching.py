@@ -84,6 +84,7 @@ def accelerate(model: nn.Module, *, strict: bool = False, training: Optional[boo
             continue
         adapter.accelerate(module)
         report.replaced[path] = type(module).__name__
+    _route_generate(root, report)
     setattr(model, _REPORT_ATTR, report)
     if root is not model:
         setattr(root, _REPORT_ATTR, report)
@@ -91,6 +92,22 @@ def accelerate(model: nn.Module, *, strict: bool = False, training: Optional[boo
     if strict and (report.skipped or not report.replaced):
         raise UnsupportedModelError(report)
     return model
+
+
+def _route_generate(root: nn.Module, report: AccelerationReport) -> None:
+    """Send ``generate()`` of a fully accelerated decoder-only model through the decoding engine.
+
+    Calls the engine does not implement keep Hugging Face's loop; each call logs which ran.
+    """
+    if not report.replaced or report.skipped:
+        return
+    if type(root).__name__ not in ("GPT2LMHeadModel",) or is_accelerated(root):
+        return
+    from .inference.hf import enable_generate
+
+    enable_generate(root)
+    report.notes.append("generate() runs the fastpatch decoding engine where the call allows "
+                        "(greedy, sampling, beam search), else Hugging Face's loop (logged)")
 
 
 def _is_transformer_like(module: nn.Module) -> bool:

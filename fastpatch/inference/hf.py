@@ -86,7 +86,7 @@ def enable_generate(model: nn.Module) -> nn.Module:
             is_accelerated(model) and type(model)._fastpatch_original_class.__name__ in ENGINE_MODELS):
         raise TypeError(f"enable_generate supports {', '.join(ENGINE_MODELS)}; got {type(model).__name__}")
     if not is_accelerated(model):
-        model.__class__ = fused_subclass(EngineGenerate, type(model))
+        model.__class__ = fused_subclass(EngineGenerate, type(model), keep_name=True)
     setattr(model, FUSED_ATTR, _GenerateState())
     return model
 

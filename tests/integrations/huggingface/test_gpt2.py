@@ -69,3 +69,19 @@ def test_gradient_checkpointing_still_works():
     ids, mask = padded_batch(101, batch=2, length=9)
     assert_same_outputs_and_grads(original, accelerated,
                                   lambda m: m(input_ids=ids, attention_mask=mask, labels=ids).loss)
+
+
+def test_generate_routed_to_engine_and_checkpoint_stays_vanilla(tmp_path, caplog):
+    model = fastpatch.accelerate(gpt2())
+    assert type(model).__name__ == "GPT2LMHeadModel"  # saved as "architectures" by transformers
+    assert any("decoding engine" in note for note in fastpatch.report(model).notes)
+    ids, mask = padded_batch(101, batch=2, length=5, side="left")
+    with caplog.at_level("INFO", logger="fastpatch"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert any("fastpatch engine" in r.getMessage() for r in caplog.records)
+    model.save_pretrained(tmp_path)
+    vanilla = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert vanilla.config.architectures == ["GPT2LMHeadModel"]
+    fastpatch.revert(model)
+    assert type(model) is transformers.GPT2LMHeadModel
+    assert type(model.transformer.h[0]) is transformers.models.gpt2.modeling_gpt2.GPT2Block
