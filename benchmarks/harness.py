@@ -85,9 +85,19 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[
 
 
 def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True).stdout.strip())
+    """Device, versions and commit. The GPU machine gets a copy of the tree without .git, so the
+    caller passes the commit as FASTPATCH_COMMIT (run_gpu.sh's documented invocation does)."""
+    import os
+
+    commit = os.environ.get("FASTPATCH_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip() or "unknown"
+            if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                              capture_output=True, text=True).stdout.strip():
+                commit += "-dirty"
+        except OSError:
+            commit = "unknown"
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                cuda=torch.version.cuda, commit=commit + ("-dirty" if dirty else ""))
+                cuda=torch.version.cuda, commit=commit)

@@ -2,7 +2,9 @@
 # The one command for the GPU machine: build the extension, run the cuda-marked tests and the
 # benchmarks, write logs/JSON under $OUT (or benchmarks/results), print a short table last.
 #
-#   bash benchmarks/run_gpu.sh [pytest -k expression]      (from the repository root)
+#   FASTPATCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/run_gpu.sh [pytest -k expr]
+#
+# (the GPU machine receives the tree without .git: pass the commit so tables can name it)
 #
 # Carry the wheel kit as .whl (see ../shared/device/README.md) for fairseq/DeepSpeed.
 # Each stage has a time cap (seconds) so one call fits the device's 10-minute limit:
@@ -25,6 +27,10 @@ if ! MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace > "$OUT/bu
     > "$OUT/build-salvage.log" 2>&1 || { tail -20 "$OUT/build-salvage.log"; exit 1; }
 fi
 echo "   built in $((SECONDS - start)) s"
+# register the package (integrations/ is installed as fastpatch.integrations); the extension
+# built in place above is picked up, not rebuilt
+FASTPATCH_BUILD_CUDA=0 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+  > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
 python3 -m fastpatch.cli env 2>/dev/null | tee "$OUT/env.txt"
 
 echo "== cuda tests"
@@ -37,7 +43,7 @@ tail -1 "$OUT/cuda-tests.log"
 echo "== benchmarks"
 timeout "${OPS_TIMEOUT:-180}" python3 benchmarks/bench_ops.py --out "$OUT" > "$OUT/bench-ops.log" 2>&1 \
   || tail -20 "$OUT/bench-ops.log"
-for script in benchmarks/bench_models.py; do
+for script in benchmarks/bench_models.py benchmarks/bench_inference.py; do
   [ -f "$script" ] && { timeout "${MODELS_TIMEOUT:-300}" python3 "$script" --out "$OUT" \
     > "$OUT/$(basename "$script" .py).log" 2>&1 || tail -20 "$OUT/$(basename "$script" .py).log"; }
 done
@@ -45,5 +51,5 @@ done
 echo "== summary ($((SECONDS - start)) s)"
 echo "cuda tests: $(tail -1 "$OUT/cuda-tests.log")"
 sed -n '/^# /,$p' "$OUT/bench-ops.log"
-for log in "$OUT"/bench_models.log; do [ -f "$log" ] && sed -n '/^# /,$p' "$log"; done
+for log in "$OUT"/bench_models.log "$OUT"/bench_inference.log; do [ -f "$log" ] && sed -n '/^# /,$p' "$log"; done
 exit $tests_rc
