@@ -9,6 +9,8 @@ from .adam import multi_tensor_adam_
 from .bias_activation_dropout import bias_activation_dropout
 from .cross_entropy import cross_entropy, fused_linear_cross_entropy, label_smoothed_cross_entropy
 from .embedding import fairseq_positions, sinusoidal_table, transformer_embedding
+from .layernorm_residual import (bias_dropout_residual_layernorm, bias_dropout_residual_prenorm,
+                                layer_norm)
 
 __all__ = [
     "attention",
@@ -22,6 +24,9 @@ __all__ = [
     "fairseq_positions",
     "sinusoidal_table",
     "transformer_embedding",
+    "bias_dropout_residual_layernorm",
+    "bias_dropout_residual_prenorm",
+    "layer_norm",
     "multi_tensor_adam_",
 ]
 
@@ -35,5 +40,8 @@ KERNELS = {
     "label_smoothed_cross_entropy": ("cross_entropy_fwd", "cross_entropy_bwd"),
     "fused_linear_cross_entropy": ("cross_entropy_fwd_grad_", "cross_entropy_fwd", "cross_entropy_bwd_"),
     "transformer_embedding": ("embedding_fwd", "embedding_bwd"),
+    "bias_dropout_residual_layernorm": ("layernorm_residual_fwd", "layernorm_residual_bwd"),
+    "bias_dropout_residual_prenorm": ("layernorm_residual_fwd", "layernorm_residual_bwd"),
+    "layer_norm": ("layernorm_residual_fwd", "layernorm_residual_bwd"),
     "multi_tensor_adam_": ("multi_tensor_adam",),
 }
