@@ -26,6 +26,11 @@ def kernel_for(name: str, *tensors: torch.Tensor | None):
     return getattr(ops, name, None)
 
 
+# nn.Parameter is a Tensor subclass that needs no tracing; every other subclass (FakeTensor,
+# FunctionalTensor, DTensor...) goes through the custom op.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def needs_custom_op(*args) -> bool:
     """Whether this call must go through the ``torch.library`` custom op.
 
@@ -38,7 +43,7 @@ def needs_custom_op(*args) -> bool:
         return True
     if _get_current_dispatch_mode() is not None:
         return True
-    return any(type(a) is not torch.Tensor for a in args if isinstance(a, torch.Tensor))
+    return any(type(a) not in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
 
 
 class FusedOp:
