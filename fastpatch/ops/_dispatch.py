@@ -80,19 +80,18 @@ class FusedOp:
 
         # Old-style forward(ctx, ...): the new style (separate setup_context) re-binds default
         # arguments through inspect.signature on every call, which costs more than the kernel.
-        class EagerFunction(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *args):
-                output = forward(*args)
-                setup_context(ctx, args, output)
-                return output
+        def eager_forward(ctx, *args):
+            output = forward(*args)
+            setup_context(ctx, args, output)
+            return output
 
-            @staticmethod
-            def backward(ctx, *grads):
-                return backward_formula(ctx, backward, *grads)
+        def eager_backward(ctx, *grads):
+            return backward_formula(ctx, backward, *grads)
 
-        EagerFunction.__name__ = EagerFunction.__qualname__ = f"{name}_eager"
-        self._eager = EagerFunction
+        # built with type() so autograd names its node "<name>_eagerBackward" in traces
+        eager_function = type(f"{name}_eager", (torch.autograd.Function,), {
+            "forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)})
+        self._eager = eager_function
 
     def __call__(self, *args):
         if needs_custom_op(*args):
