@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layers.functional import layer_norm
-from ..ops.activations import canonical_activation
 from . import checkpoint
 from .blocks import EncoderLayer, encoder_layer, norm
 from .graphs import CapturedCall, bucket, graphs_available
@@ -42,17 +41,9 @@ class BertSpec:
     pooler: bool = True
 
     def __post_init__(self):
-        for name in ("vocab_size", "max_positions", "type_vocab_size", "hidden_size", "num_layers",
-                     "num_heads", "ffn_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"model.num_heads ({self.num_heads})")
-        if canonical_activation(self.activation) is None:
-            raise ValueError(f"model.activation {self.activation!r} has no fused kernel")
-        object.__setattr__(self, "activation", canonical_activation(self.activation))
+        checkpoint.validate_spec(self, (
+            "vocab_size", "max_positions", "type_vocab_size", "hidden_size", "num_layers",
+            "num_heads", "ffn_size"))
 
     def tensor_shapes(self) -> Dict[str, Tuple[int, ...]]:
         h, f = self.hidden_size, self.ffn_size

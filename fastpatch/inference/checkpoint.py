@@ -35,6 +35,24 @@ def _safetensors():
     return safetensors.torch
 
 
+def validate_spec(spec, positive_ints: Tuple[str, ...]) -> None:
+    """Shared checks of a model spec (``BertSpec``, ``GptSpec``, ``TransformerSpec``): the named
+    fields are positive ints, heads divide the hidden size, the activation has a fused kernel
+    (stored back in its canonical name; specs are frozen dataclasses)."""
+    from ..ops.activations import canonical_activation
+
+    for name in positive_ints:
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+    if spec.hidden_size % spec.num_heads:
+        raise ValueError(f"model.hidden_size ({spec.hidden_size}) must be divisible by "
+                         f"model.num_heads ({spec.num_heads})")
+    if canonical_activation(spec.activation) is None:
+        raise ValueError(f"model.activation {spec.activation!r} has no fused kernel")
+    object.__setattr__(spec, "activation", canonical_activation(spec.activation))
+
+
 def check_tensors(expected: Mapping[str, Tuple[int, ...]], tensors: Mapping[str, Tensor],
                   where: str) -> None:
     """``tensors`` must be exactly the names of ``expected``, with those shapes, one floating

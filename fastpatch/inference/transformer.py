@@ -24,7 +24,6 @@ from torch import Tensor
 
 from .. import ops
 from ..layers.functional import LayerNormWeights, Projection, feed_forward, layer_norm, post_norm_residual
-from ..ops.activations import canonical_activation
 from . import checkpoint
 from .blocks import EncoderLayer, encoder_layer, linear, norm
 from .cache import KVArena
@@ -62,17 +61,9 @@ class TransformerSpec:
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
-        for name in ("vocab_size", "max_positions", "hidden_size", "encoder_layers", "decoder_layers",
-                     "num_heads", "ffn_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"model.num_heads ({self.num_heads})")
-        if canonical_activation(self.activation) is None:
-            raise ValueError(f"model.activation {self.activation!r} has no fused kernel")
-        object.__setattr__(self, "activation", canonical_activation(self.activation))
+        checkpoint.validate_spec(self, (
+            "vocab_size", "max_positions", "hidden_size", "encoder_layers", "decoder_layers",
+            "num_heads", "ffn_size"))
 
     @property
     def positions(self) -> int:
