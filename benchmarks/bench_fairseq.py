@@ -21,7 +21,6 @@ only fairseq's checkpoint types allow-listed for torch >= 2.6, nothing else from
 ``--cpu --smoke`` runs a tiny version of everything on the CPU (checks the script, no timings).
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -109,16 +108,6 @@ def synthetic_corpus(directory, pairs, vocab, seed=0):
     return directory
 
 
-@contextlib.contextmanager
-def _argv(argv):
-    saved = sys.argv
-    sys.argv = argv
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 def preprocess(text_dir, dest, joined=True):
     args = ["--source-lang", "src", "--target-lang", "tgt", "--destdir", dest,
             "--workers", str(min(8, os.cpu_count() or 1))]
@@ -128,7 +117,9 @@ def preprocess(text_dir, dest, joined=True):
         args.append("--joined-dictionary")
     from fairseq_cli import preprocess as command
 
-    with _argv(["fairseq-preprocess"] + args):
+    from fastpatch.integrations.fairseq.cli import command_line
+
+    with command_line(["fairseq-preprocess"] + args):
         command.cli_main()
     return dest
 
@@ -227,7 +218,9 @@ def bench_bleu(args, work, log_dir):
     data = os.path.join(work, "toy-bin")
     from fairseq_cli import preprocess as command
 
-    with _argv(["fairseq-preprocess"] + preprocess_args(data)):
+    from fastpatch.integrations.fairseq.cli import command_line
+
+    with command_line(["fairseq-preprocess"] + preprocess_args(data)):
         command.cli_main()
     # the demo's recipe with fairseq's own modules, so that both commands get the same flags
     plain = {"ls_transformer": "transformer", "ls_adam": "adam",

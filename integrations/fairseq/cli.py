@@ -32,7 +32,8 @@ def _has_user_dir(argv: Sequence[str]) -> bool:
 
 
 @contextlib.contextmanager
-def _argv(argv: List[str]):
+def command_line(argv: List[str]):
+    """Run a fairseq ``cli_main`` (which reads ``sys.argv``) on ``argv``, restoring it after."""
     saved = sys.argv
     sys.argv = argv
     try:
@@ -53,7 +54,7 @@ def _run(fairseq_module: str, prog: str, argv: Optional[Sequence[str]]) -> None:
                        "fastpatch.integrations.fairseq.registry.register() from your user dir", prog)
     else:
         argv = ["--user-dir", USER_DIR] + argv
-    with hooks.accelerate_built_models(), _argv([prog] + argv):
+    with hooks.accelerate_built_models(), command_line([prog] + argv):
         command.cli_main()
 
 

@@ -14,13 +14,13 @@ Options: ``--demo-dir DIR`` (default ``./lightseq-demo``), ``--max-update N`` (d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shlex
 import sys
 from typing import List, Optional, Sequence
 
 from . import corpus
+from .cli import command_line
 
 EXAMPLES = 5
 
@@ -70,16 +70,6 @@ def generate_args(data: str, checkpoint: str, results: str, cpu: bool) -> List[s
     return args + (["--cpu"] if cpu else [])
 
 
-@contextlib.contextmanager
-def _argv(argv: List[str]):
-    saved = sys.argv
-    sys.argv = argv
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 def _say(step: str, command: str, args: Sequence[str]) -> None:
     print(f"\n== {step}\n$ {command} {shlex.join(args)}", flush=True)
 
@@ -119,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
         from fairseq_cli import preprocess
 
-        with _argv(["fairseq-preprocess"] + step):
+        with command_line(["fairseq-preprocess"] + step):
             preprocess.cli_main()
 
     step = train_args(data, checkpoints, args.max_update, cpu)
