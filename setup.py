@@ -111,6 +111,7 @@ setup(
             "lightseq-train=fastpatch.integrations.fairseq.cli:train",
             "lightseq-generate=fastpatch.integrations.fairseq.cli:generate",
             "lightseq-interactive=fastpatch.integrations.fairseq.cli:interactive",
+            "lightseq-deepspeed=fastpatch.integrations.deepspeed.cli:main",
         ],
     },
     ext_modules=ext_modules,
