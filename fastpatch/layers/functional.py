@@ -11,7 +11,7 @@ Shapes: ``x`` is ``[B, L, H]``; a projection weight is ``[out, in]`` (``nn.Linea
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -99,6 +99,47 @@ def self_attention(x: Tensor, qkv: Projection, out: Projection, num_heads: int, 
         k, v = kv_update(k, v)
     context = ops.attention(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                             causal=causal, dropout_p=attn_dropout, training=training, scale=scale)
+    context = context.transpose(1, 2).reshape(b, length, hidden)
+    return out(context, with_bias=False)
+
+
+def cross_attention(x: Tensor, q: Projection, kv: Projection, out: Projection, num_heads: int,
+                    memory: Optional[Tensor] = None, *,
+                    memory_kv: Optional[Tuple[Tensor, Tensor]] = None,
+                    key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                    attn_dropout: float = 0.0, training: bool = False,
+                    scale: Optional[float] = None, kv_update=None) -> Tensor:
+    """Multi-head attention of ``x`` over an encoder's output, up to the output projection's bias.
+
+    Args:
+        x: ``[B, L, H]`` decoder states (the queries).
+        q: projection of ``x`` to ``[B, L, H]``.
+        kv: projection of ``memory`` to ``[B, S, 2H]`` (k, v stacked in that order).
+        memory: ``[B, S, H_mem]`` encoder states; not read when ``memory_kv`` is given.
+        memory_kv: ``(k, v)``, each ``[B, heads, S, H / heads]``, projected by an earlier call:
+            the encoder's keys and values do not change while decoding (a framework's cache).
+        key_padding_mask: ``[B, S]`` bool, True = padding.
+        attn_mask: bool (True = attend) or additive mask broadcastable to ``[B, heads, L, S]``.
+        kv_update: ``(k, v) -> (k, v)`` applied to freshly projected keys and values (e.g. to
+            store them in a cache).
+
+    Returns:
+        ``[B, L, H]``: the output projection WITHOUT its bias, for a fused bias epilogue.
+    """
+    b, length, _ = x.shape
+    query = q(x)
+    hidden = query.shape[-1]
+    head_dim = hidden // num_heads
+    query = query.view(b, length, num_heads, head_dim).transpose(1, 2)
+    if memory_kv is None:
+        kv_shape = (*memory.shape[:2], 2, num_heads, head_dim)
+        k, v = kv(memory).view(kv_shape).permute(2, 0, 3, 1, 4).unbind(0)
+        if kv_update is not None:
+            k, v = kv_update(k, v)
+    else:
+        k, v = memory_kv
+    context = ops.attention(query, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                            dropout_p=attn_dropout, training=training, scale=scale)
     context = context.transpose(1, 2).reshape(b, length, hidden)
     return out(context, with_bias=False)
 
