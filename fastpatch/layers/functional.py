@@ -19,30 +19,66 @@ from torch import Tensor
 from .. import ops
 
 
+class ConcatCache:
+    """Concatenated parameters kept while they are unchanged and no gradient flows (inference).
+
+    A training step must concatenate per call (autograd routes the gradient back to each
+    piece); in eval under ``no_grad`` the same weights are concatenated again for every token of
+    a decode loop, so the result is kept, keyed by the pieces' storage and version counters (an
+    in-place update, ``.to()`` or ``load_state_dict`` invalidates it). One per accelerated layer:
+    it costs one extra copy of the concatenated weights while the model is used for inference.
+    """
+
+    def __init__(self):
+        self._entries = {}
+
+    def cat(self, key: str, tensors: Sequence[Tensor], dim: int) -> Tensor:
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) \
+                or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+            return torch.cat(list(tensors), dim=dim)
+        signature = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == signature:
+            return hit[1]
+        out = torch.cat(list(tensors), dim=dim)
+        self._entries[key] = (signature, out)
+        return out
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 @dataclasses.dataclass(frozen=True)
 class Projection:
     """A linear map whose weight is one tensor or the row-concatenation of several.
 
     ``weights``/``biases`` are the framework's own tensors (e.g. BERT's separate query, key and
-    value); they are concatenated per call so that one matmul serves them all, which costs a
-    copy of the weights (a few MB) and keeps the checkpoint layout untouched.
+    value); they are concatenated so that one matmul serves them all, which keeps the checkpoint
+    layout untouched. Training concatenates per call (a copy of a few MB); with a ``cache``,
+    inference concatenates once (see :class:`ConcatCache`).
     """
 
     weights: Sequence[Tensor]
     biases: Optional[Sequence[Optional[Tensor]]] = None
     transposed: bool = False
+    cache: Optional[ConcatCache] = None
+
+    def _cat(self, key: str, tensors: Sequence[Tensor], dim: int) -> Tensor:
+        if self.cache is None:
+            return torch.cat(list(tensors), dim=dim)
+        return self.cache.cat(key, tensors, dim)
 
     def weight(self) -> Tensor:
         if len(self.weights) == 1:
             return self.weights[0]
-        return torch.cat(list(self.weights), dim=1 if self.transposed else 0)
+        return self._cat("weight", self.weights, 1 if self.transposed else 0)
 
     def bias(self) -> Optional[Tensor]:
         if self.biases is None or all(b is None for b in self.biases):
             return None
         if len(self.biases) == 1:
             return self.biases[0]
-        return torch.cat(list(self.biases), dim=0)
+        return self._cat("bias", self.biases, 0)
 
     def __call__(self, x: Tensor, *, with_bias: bool = True) -> Tensor:
         """``x [..., in] -> [..., out]``; ``with_bias=False`` leaves the bias to a fused epilogue."""

@@ -27,9 +27,9 @@ from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 
 from fastpatch.adapters import FUSED_ATTR, LayerAdapter
-from fastpatch.layers.functional import (LayerNormWeights, Projection, cross_attention,
-                                         feed_forward, layer_norm, post_norm_residual,
-                                         pre_norm_residual, self_attention)
+from fastpatch.layers.functional import (ConcatCache, LayerNormWeights, Projection,
+                                         cross_attention, feed_forward, layer_norm,
+                                         post_norm_residual, pre_norm_residual, self_attention)
 from fastpatch.ops.activations import canonical_activation
 
 from .masks import split_hf_mask
@@ -48,14 +48,19 @@ class BartLayerPlan:
     activation: str
     #: fp16 encoder output clamp: "if_overflow" (post-LN families), "always" (pre-LN), "never"
     fp16_clamp: str
+    #: q/k/v and cross-attention k/v concatenations, reused across inference calls
+    qkv_cache: ConcatCache = dataclasses.field(default_factory=ConcatCache, compare=False,
+                                               repr=False)
+    cross_kv_cache: ConcatCache = dataclasses.field(default_factory=ConcatCache, compare=False,
+                                                    repr=False)
 
 
 def _linear(module: nn.Linear) -> Projection:
     return Projection((module.weight,), (module.bias,))
 
 
-def _stacked(*modules: nn.Linear) -> Projection:
-    return Projection(tuple(m.weight for m in modules), tuple(m.bias for m in modules))
+def _stacked(*modules: nn.Linear, cache: ConcatCache) -> Projection:
+    return Projection(tuple(m.weight for m in modules), tuple(m.bias for m in modules), cache=cache)
 
 
 def _norm(module: nn.LayerNorm) -> LayerNormWeights:
@@ -115,9 +120,9 @@ class FusedBartShapedEncoderLayer:
         if plan.pre_norm:
             x = layer_norm(hidden_states, _norm(self.self_attn_layer_norm))
         context = self_attention(
-            x, _stacked(attn.q_proj, attn.k_proj, attn.v_proj), _linear(attn.out_proj),
-            attn.num_heads, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-            attn_dropout=attn.dropout, training=training, scale=attn.scaling)
+            x, _stacked(attn.q_proj, attn.k_proj, attn.v_proj, cache=plan.qkv_cache),
+            _linear(attn.out_proj), attn.num_heads, key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask, attn_dropout=attn.dropout, training=training, scale=attn.scaling)
         residual, x = _add_norm(plan, context, attn.out_proj.bias, hidden_states,
                                 self.self_attn_layer_norm, self.final_layer_norm, self.dropout,
                                 training)
@@ -196,8 +201,9 @@ class FusedBartShapedDecoderLayer:
         if plan.pre_norm:
             x = layer_norm(hidden_states, _norm(self.self_attn_layer_norm))
         context = self_attention(
-            x, _stacked(attn.q_proj, attn.k_proj, attn.v_proj), _linear(attn.out_proj),
-            attn.num_heads, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            x, _stacked(attn.q_proj, attn.k_proj, attn.v_proj, cache=plan.qkv_cache),
+            _linear(attn.out_proj), attn.num_heads, key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
             # no 4D mask: transformers relies on the attention's own causality (SDPA's
             # is_causal, flash's causal flag)
             causal=attn_mask is None, attn_dropout=attn.dropout, training=training,
@@ -210,7 +216,8 @@ class FusedBartShapedDecoderLayer:
             key_padding_mask, attn_mask = split_hf_mask(encoder_attention_mask)
             memory_kv, kv_update = _cross_attention_cache(past_key_values, cross.layer_idx)
             context = cross_attention(
-                x, _linear(cross.q_proj), _stacked(cross.k_proj, cross.v_proj),
+                x, _linear(cross.q_proj),
+                _stacked(cross.k_proj, cross.v_proj, cache=plan.cross_kv_cache),
                 _linear(cross.out_proj), cross.num_heads, encoder_hidden_states,
                 memory_kv=memory_kv, kv_update=kv_update, key_padding_mask=key_padding_mask,
                 attn_mask=attn_mask, attn_dropout=cross.dropout, training=training,

@@ -12,7 +12,7 @@ from typing import Optional
 from torch import nn
 
 from fastpatch.adapters import FUSED_ATTR, LayerAdapter
-from fastpatch.layers.functional import (LayerNormWeights, Projection, feed_forward,
+from fastpatch.layers.functional import (ConcatCache, LayerNormWeights, Projection, feed_forward,
                                          post_norm_residual, self_attention)
 from fastpatch.ops.activations import canonical_activation
 
@@ -29,6 +29,9 @@ class BertLayerPlan:
     attention_dropout: float
     hidden_dropout: float
     scale: float
+    #: the q/k/v concatenation, reused across inference calls
+    qkv_cache: ConcatCache = dataclasses.field(default_factory=ConcatCache, compare=False,
+                                               repr=False)
 
 
 def _linear(module: nn.Linear) -> Projection:
@@ -56,7 +59,7 @@ class FusedBertShapedLayer:
         context = self_attention(
             hidden_states,
             Projection((sa.query.weight, sa.key.weight, sa.value.weight),
-                       (sa.query.bias, sa.key.bias, sa.value.bias)),
+                       (sa.query.bias, sa.key.bias, sa.value.bias), cache=plan.qkv_cache),
             _linear(attn.output.dense), plan.num_heads,
             key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             attn_dropout=plan.attention_dropout, training=training, scale=plan.scale)
@@ -82,7 +85,8 @@ class BertLayerAdapter(LayerAdapter):
         if getattr(config, "is_decoder", False) or getattr(module, "add_cross_attention", False):
             return "is_decoder / add_cross_attention (BERT as a decoder) is not supported"
         if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
-            return f"position_embedding_type={config.position_embedding_type!r} (relative positions)"
+            return (f"position_embedding_type={config.position_embedding_type!r} "
+                    "(relative positions)")
         if getattr(module, "chunk_size_feed_forward", 0):
             return f"chunk_size_feed_forward={module.chunk_size_feed_forward} (chunked FFN)"
         act = config.hidden_act

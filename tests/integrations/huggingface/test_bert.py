@@ -36,7 +36,7 @@ def test_bert_heads_match_original(head, side):
     torch.manual_seed(0)
     model = getattr(transformers, head)(bert_config()).eval()
     original, accelerated = twin(model)
-    assert len(fastpatch.report(accelerated).replaced) == 2
+    assert len(fastpatch.report(accelerated).replaced) == 3  # the embeddings and two layers
     ids, mask = padded_batch(97, side=side)
 
     def run(m):
@@ -68,7 +68,7 @@ def test_other_bert_shaped_families(family):
                         **({"embedding_size": 64} if family.startswith("Electra") else {}))
     model = getattr(transformers, family)(config).eval()
     original, accelerated = twin(model)
-    assert len(fastpatch.report(accelerated).replaced) == 2, str(fastpatch.report(accelerated))
+    assert len(fastpatch.report(accelerated).replaced) == 3, str(fastpatch.report(accelerated))
     ids, mask = padded_batch(97, pad_id=1)
     assert_same_outputs_and_grads(original, accelerated,
                                   lambda m: m(input_ids=ids, attention_mask=mask).logits * (
@@ -176,7 +176,7 @@ def test_unsupported_layers_are_reported_and_strict_raises():
     model = transformers.BertModel(config)
     fastpatch.accelerate(model)
     rep = fastpatch.report(model)
-    assert not rep.replaced and len(rep.skipped) == 2
+    assert list(rep.replaced) == ["embeddings"] and len(rep.skipped) == 2
     assert all("hidden_act" in reason for reason in rep.skipped.values())
     assert "hidden_act" in str(rep)
     with pytest.raises(fastpatch.UnsupportedModelError, match="hidden_act"):
@@ -199,3 +199,24 @@ def test_bad_arguments():
         fastpatch.accelerate("bert")
     with pytest.raises(TypeError, match="dtype"):
         fastpatch.accelerate(transformers.BertModel(bert_config()), dtype="fp16")
+
+
+def test_inference_reuses_the_qkv_concatenation_until_weights_change():
+    torch.manual_seed(0)
+    model = fastpatch.accelerate(transformers.BertModel(bert_config()).eval())
+    ids, mask = padded_batch(97)
+    cache = getattr(model.encoder.layer[0], "_fastpatch").qkv_cache
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        cached = cache._entries["weight"][1]
+        model(input_ids=ids, attention_mask=mask)
+        assert cache._entries["weight"][1] is cached  # reused, not concatenated again
+        model.encoder.layer[0].attention.self.query.weight.add_(0.5)  # in-place update
+        changed = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert cache._entries["weight"][1] is not cached
+    reference = copy.deepcopy(model)
+    fastpatch.revert(reference)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert not torch.allclose(first, changed)
+    assert_close_relative(changed, expected, 1e-5)
