@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from typing import Optional
 
 import torch
@@ -85,6 +86,7 @@ def accelerate(model: nn.Module, *, strict: bool = False, training: Optional[boo
         adapter.accelerate(module)
         report.replaced[path] = type(module).__name__
     _route_generate(root, report)
+    _fuse_loss(root, report)
     setattr(model, _REPORT_ATTR, report)
     if root is not model:
         setattr(root, _REPORT_ATTR, report)
@@ -110,6 +112,17 @@ def _route_generate(root: nn.Module, report: AccelerationReport) -> None:
                         "(greedy, sampling, beam search), else Hugging Face's loop (logged)")
 
 
+def _fuse_loss(root: nn.Module, report: AccelerationReport) -> None:
+    """Compute a Hugging Face LM head's loss with the fused cross-entropy (same semantics)."""
+    if not report.replaced or "transformers" not in sys.modules:
+        return
+    from fastpatch.integrations.huggingface.loss import fuse_lm_loss
+
+    note = fuse_lm_loss(root)
+    if note is not None:
+        report.notes.append(note)
+
+
 def _is_transformer_like(module: nn.Module) -> bool:
     """A layer worth reporting: it owns attention-like children and has parameters."""
     names = " ".join(n.lower() for n, _ in module.named_children())
@@ -120,9 +133,14 @@ def revert(model: nn.Module) -> nn.Module:
     """Give every accelerated module its original class back; weights are the current ones."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    unfuse_loss = None
+    if "transformers" in sys.modules:
+        from fastpatch.integrations.huggingface.loss import unfuse_lm_loss as unfuse_loss
     for module in model.modules():
         if is_accelerated(module):
             revert_module(module)
+        if unfuse_loss is not None:
+            unfuse_loss(module)
     for module in (model, getattr(model, "module", None)):
         if module is not None:
             module.__dict__.pop(_REPORT_ATTR, None)
