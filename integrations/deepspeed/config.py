@@ -165,8 +165,10 @@ def engine_config(config: Dict[str, Any], path: str, *, update_freq: int, clip_n
     ``--update-freq``; ``gradient_clipping`` from ``--clip-norm`` unless the config sets it
     (DeepSpeed's own default would clip at 1.0, fairseq's ``--clip-norm`` defaults to no clipping;
     an explicit ``--clip-norm`` that disagrees with the config is an error); and
-    ``zero_allow_untested_optimizer`` when fairseq's ``--optimizer`` (e.g. ``ls_adam``) is passed
-    to DeepSpeed as the client optimizer under ZeRO (DeepSpeed only vouches for its own list)."""
+    ``data_types.buffer_dtype`` set to the fp16/bf16 precision (fairseq models expect their
+    buffers cast with the parameters); and ``zero_allow_untested_optimizer`` when fairseq's
+    ``--optimizer`` (e.g. ``ls_adam``) is passed to DeepSpeed as the client optimizer under ZeRO
+    (DeepSpeed only vouches for its own list)."""
     config = copy.deepcopy(config)
     given = config.get("gradient_accumulation_steps")
     if given is not None and given != update_freq:
@@ -186,6 +188,12 @@ def engine_config(config: Dict[str, Any], path: str, *, update_freq: int, clip_n
         raise DeepSpeedConfigError(
             path, f"gradient_clipping is {json.dumps(config['gradient_clipping'])} but --clip-norm is "
                   f"{clip_norm}: give one of them")
+    half = precision(config)
+    if half != "fp32":
+        # fairseq's --fp16/--bf16 cast the whole model, buffers included (its sinusoidal positions
+        # take their dtype from a buffer); DeepSpeed >= 0.19 casts only parameters unless told
+        _section(config, "data_types", path)  # an object, if given
+        config.setdefault("data_types", {}).setdefault("buffer_dtype", half)
     if "optimizer" not in config and zero_stage(config, path) > 0:
         config.setdefault("zero_allow_untested_optimizer", True)
     return config

@@ -155,6 +155,13 @@ class DeepSpeedTrainer(Trainer):
         engine, _, _, _ = deepspeed.initialize(
             model=self._model, optimizer=client, model_parameters=None if client else params,
             config=config, dist_init_required=False)
+        if engine.basic_optimizer.state:
+            # DeepSpeed's stage-0 fp16/bf16 wrappers allocate the optimizer state by stepping once
+            # on zero gradients; for Adam that step counts, so every bias correction would lag one
+            # step behind fairseq's. Dropping the state (optimizers re-create it at their first
+            # step) makes the first update step 1. The zero-gradient step moved no weight, except
+            # for a decoupled weight decay of lr * weight_decay (relative 1e-7 at common settings).
+            engine.basic_optimizer.state.clear()
         self._engine = engine
         self._optimizer = EngineOptimizer(self.cfg.optimizer, engine)
         if "optimizer" in config or "scheduler" in config:
