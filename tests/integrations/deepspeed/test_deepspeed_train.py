@@ -34,17 +34,22 @@ def _checkpoint(path):
 @pytest.fixture(scope="module")
 def runs(ds_data_bin, tmp_path_factory):
     """In one DeepSpeed process: ZeRO-1 for 8 updates; ZeRO-0 and ZeRO-2 for 4; ZeRO-1 for 4
-    updates, then the same command again with --max-update 8 (fairseq restores checkpoint_last).
-    Plus lightseq-train for 8 updates in this process, the reference."""
+    updates, then the same command again with --max-update 8 (fairseq restores checkpoint_last);
+    bf16 under ZeRO-0 and ZeRO-2 for 3. Plus lightseq-train for 8 updates in this process, the
+    reference."""
     work = tmp_path_factory.mktemp("ds-train")
     configs = {stage: write_config(work, {"zero_optimization": {"stage": stage}}, f"zero{stage}.json")
                for stage in (0, 1, 2)}
+    bf16 = {stage: write_config(work, {"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}},
+                                f"zero{stage}-bf16.json") for stage in (0, 2)}
     plan = {"task": "train", "runs": [
         {"name": "zero1", "argv": entry_args(ds_data_bin, work / "zero1", configs[1], UPDATES)},
         {"name": "zero0", "argv": entry_args(ds_data_bin, work / "zero0", configs[0], 4)},
         {"name": "zero2", "argv": entry_args(ds_data_bin, work / "zero2", configs[2], 4)},
         {"name": "first_half", "argv": entry_args(ds_data_bin, work / "resumed", configs[1], 4)},
         {"name": "second_half", "argv": entry_args(ds_data_bin, work / "resumed", configs[1], UPDATES)},
+        {"name": "zero0_bf16", "argv": entry_args(ds_data_bin, work / "zero0-bf16", bf16[0], 3)},
+        {"name": "zero2_bf16", "argv": entry_args(ds_data_bin, work / "zero2-bf16", bf16[2], 3)},
     ]}
     result = run_worker(work, plan)
     reference = lightseq_train(train_flags(ds_data_bin, work / "lightseq", max_update=UPDATES,
@@ -79,6 +84,21 @@ def test_checkpoint_is_a_fairseq_fp32_checkpoint(runs):
         assert mine.dtype == value.dtype == torch.float32 and mine.shape == value.shape, key
         if not key.endswith("k_proj.bias"):
             assert (mine - value).abs().max() <= 1e-6, key
+
+
+def test_bf16_checkpoint_holds_the_fp32_master_weights(runs):
+    """bf16 training: the checkpoint is fp32 and holds DeepSpeed's fp32 masters, not the bf16
+    weights the model computes with; ZeRO-0 (DeepSpeed's bf16 optimizer wrapper) and ZeRO-2
+    train alike, and close to fp32 training (3 updates)."""
+    for stage in (0, 2):
+        state = _checkpoint(runs["work"] / f"zero{stage}-bf16" / "checkpoint_last.pt")["model"]
+        weights = [v for k, v in state.items() if k.endswith("fc1.weight")]
+        assert all(w.dtype == torch.float32 for w in state.values() if w.is_floating_point())
+        assert all((w != w.bfloat16().float()).any() for w in weights), f"ZeRO-{stage}: bf16 weights"
+    zero0, zero2 = losses(runs["zero0_bf16"]), losses(runs["zero2_bf16"])
+    assert zero0 == zero2
+    for a, b in zip(losses(runs["reference"]), zero2):
+        assert abs(a - b) <= 1e-2
 
 
 def test_restart_continues_exactly(runs):
