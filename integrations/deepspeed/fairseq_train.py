@@ -196,8 +196,17 @@ def run(args: argparse.Namespace, config: Dict[str, Any]) -> None:
         fairseq_train.main(cfg)
 
 
+def _fairseq_logging() -> None:
+    """fairseq-train's log format (its module configures it on import, but DeepSpeed, imported
+    first, would otherwise have installed Python's default one)."""
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stdout,
+                        level=os.environ.get("LOGLEVEL", "INFO").upper())
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _fairseq_logging()
     if "--cpu" in argv:
         # DeepSpeed picks its accelerator when first imported
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
