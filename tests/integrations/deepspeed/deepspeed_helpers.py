@@ -42,15 +42,30 @@ def single_process_env() -> Dict[str, str]:
     return env
 
 
-def run_worker(tmp_path, plan: Dict, timeout: int = 900):
-    """deepspeed_worker.py on ``plan`` in a fresh process; returns its JSON result."""
-    plan_path, out_path = tmp_path / "plan.json", tmp_path / "result.json"
+def run_worker(tmp_path, plan: Dict, timeout: int = 900, world_size: int = 1):
+    """deepspeed_worker.py on ``plan`` in fresh processes, ``world_size`` ranks on this machine
+    (as DeepSpeed's launcher starts them); returns rank 0's JSON result, or the list of every
+    rank's when ``world_size > 1``."""
+    plan_path = tmp_path / "plan.json"
     plan_path.write_text(json.dumps(plan))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "deepspeed_worker.py"),
-                           str(plan_path), str(out_path)], env=single_process_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout[-3000:] + "\n" + proc.stderr[-6000:])
-    return json.loads(out_path.read_text())
+    env = single_process_env()
+    procs, outs = [], []
+    for rank in range(world_size):
+        outs.append(tmp_path / f"result-{rank}.json")
+        rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "deepspeed_worker.py"),
+                                       str(plan_path), str(outs[-1])], env=rank_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for rank, proc in enumerate(procs):
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        assert proc.returncode == 0, f"rank {rank}:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    results = [json.loads(out.read_text()) for out in outs]
+    return results[0] if world_size == 1 else results
 
 
 def losses(records: Sequence[Dict]):

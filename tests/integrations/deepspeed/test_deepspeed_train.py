@@ -1,7 +1,7 @@
-"""DeepSpeed training end to end on the CPU, one process (a world of one), against lightseq-train
-with the same seed and flags (fp32, dropout 0): ZeRO stages 0, 1 and 2, resuming, the checkpoint
-in fairseq-generate; fastpatch.accelerate on DeepSpeed engines; the HF Trainer with a DeepSpeed
-config.
+"""DeepSpeed training end to end on the CPU, one process (a world of one; and two processes once),
+against lightseq-train with the same seed and flags (fp32, dropout 0): ZeRO stages 0, 1 and 2,
+resuming, the checkpoint in fairseq-generate; fastpatch.accelerate on DeepSpeed engines; the HF
+Trainer with a DeepSpeed config.
 
 Tolerance of the loss parity, 1e-5 per update: both runs execute the same fused kernels on the same
 batches in the same order; they differ in where the 1/sample-size normalization is applied (to the
@@ -110,6 +110,28 @@ def test_restart_continues_exactly(runs):
     assert first == straight[:4]
     for update, (a, b) in enumerate(zip(straight[4:], second), start=5):
         assert abs(a - b) <= LOSS_TOL, f"update {update}: {b:.8f} vs {a:.8f}"
+
+
+def test_two_processes_match_update_freq_2(ds_data_bin, tmp_path):
+    """Two DeepSpeed processes (ZeRO-2, gloo on the CPU) train as one process accumulating two
+    batches per update (fairseq shards batch 2k to rank 0 and 2k+1 to rank 1, and
+    --update-freq 2 groups the same two): each rank's batch losses are lightseq-train's, and the
+    checkpoint rank 0 writes after gathering the partitions holds lightseq-train's weights (3e-8
+    here: the all-reduce adds the two halves in another order)."""
+    config = write_config(tmp_path, {"zero_optimization": {"stage": 2}})
+    ranks = run_worker(tmp_path, {"task": "train", "runs": [
+        {"name": "two", "argv": entry_args(ds_data_bin, tmp_path / "two", config, 4)}]}, world_size=2)
+    reference = lightseq_train(train_flags(ds_data_bin, tmp_path / "lightseq", max_update=4,
+                                           ls_modules=True, extra=["--update-freq", "2"]))
+    for rank, result in enumerate(ranks):
+        expected = losses(reference)[rank::2]
+        for update, (a, b) in enumerate(zip(expected, losses(result["two"])), start=1):
+            assert abs(a - b) <= LOSS_TOL, f"rank {rank}, update {update}: {b:.8f} vs {a:.8f}"
+    ours = _checkpoint(tmp_path / "two" / "checkpoint_last.pt")["model"]
+    theirs = _checkpoint(tmp_path / "lightseq" / "checkpoint_last.pt")["model"]
+    for key, value in theirs.items():
+        if not key.endswith("k_proj.bias"):
+            assert (ours[key] - value).abs().max() <= 1e-6, key
 
 
 def test_checkpoint_loads_in_fairseq_generate(runs, ds_data_bin, tmp_path):
