@@ -191,6 +191,8 @@ def run(args: argparse.Namespace, config: Dict[str, Any]) -> None:
     cfg.distributed_training.distributed_world_size = deepspeed.comm.get_world_size()
     cfg.distributed_training.distributed_rank = deepspeed.comm.get_rank()
     cfg.distributed_training.device_id = local_rank
+    if cfg.distributed_training.distributed_rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # as fairseq's distributed_init: rank 0 logs
     accelerate = contextlib.nullcontext() if args.no_fastpatch else hooks.accelerate_built_models()
     with _fairseq_trainer(fairseq_train, functools.partial(DeepSpeedTrainer, ds_config=config)), accelerate:
         fairseq_train.main(cfg)
