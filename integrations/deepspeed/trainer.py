@@ -337,6 +337,7 @@ class DeepSpeedTrainer(Trainer):
                 logger.warning("%s has no DeepSpeed optimizer state: the optimizer starts afresh "
                                "(as with --reset-optimizer)", filename)
             else:
+                self._build_engine()  # from the weights just loaded
                 if last["criterion_name"] != self.get_criterion().__class__.__name__:
                     raise ValueError(f"Criterion does not match; please reset the optimizer "
                                      f"(--reset-optimizer). {last['criterion_name']} vs "
@@ -346,8 +347,12 @@ class DeepSpeedTrainer(Trainer):
                                      f"(--reset-optimizer). {last['optimizer_name']} vs "
                                      f"{self.optimizer.name}")
                 directory, tag = location
-                self._engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=not reset_lr_scheduler)
+                loaded, _ = self._engine.load_checkpoint(
+                    directory, tag=tag, load_optimizer_states=True,
+                    load_lr_scheduler_states=not reset_lr_scheduler)
+                if loaded is None:  # DeepSpeed only logs this
+                    raise RuntimeError(f"DeepSpeed could not load its state {directory}/{tag} "
+                                       f"that {filename} points at")
                 if not reset_lr_scheduler:
                     self.lr_scheduler.load_state_dict(last["lr_scheduler_state"])
                 self.set_num_updates(last["num_updates"])

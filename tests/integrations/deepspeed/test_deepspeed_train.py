@@ -35,8 +35,8 @@ def _checkpoint(path):
 def runs(ds_data_bin, tmp_path_factory):
     """In one DeepSpeed process: ZeRO-1 for 8 updates; ZeRO-0 and ZeRO-2 for 4; ZeRO-1 for 4
     updates, then the same command again with --max-update 8 (fairseq restores checkpoint_last);
-    bf16 under ZeRO-0 and ZeRO-2 for 3. Plus lightseq-train for 8 updates in this process, the
-    reference."""
+    bf16 under ZeRO-0 and ZeRO-2 for 3; ZeRO-1 from a lightseq-train checkpoint for 3. Plus, in
+    this process, the lightseq-train references."""
     work = tmp_path_factory.mktemp("ds-train")
     configs = {stage: write_config(work, {"zero_optimization": {"stage": stage}}, f"zero{stage}.json")
                for stage in (0, 1, 2)}
@@ -51,10 +51,17 @@ def runs(ds_data_bin, tmp_path_factory):
         {"name": "zero0_bf16", "argv": entry_args(ds_data_bin, work / "zero0-bf16", bf16[0], 3)},
         {"name": "zero2_bf16", "argv": entry_args(ds_data_bin, work / "zero2-bf16", bf16[2], 3)},
     ]}
+    # a lightseq-train checkpoint (no DeepSpeed state) to start a DeepSpeed run from
+    lightseq_train(train_flags(ds_data_bin, work / "start", max_update=2, ls_modules=True))
+    restore = ["--restore-file", str(work / "start" / "checkpoint_last.pt")]
+    plan["runs"].append({"name": "from_lightseq", "argv": entry_args(
+        ds_data_bin, work / "from-lightseq", configs[1], 3, extra=restore)})
     result = run_worker(work, plan)
     reference = lightseq_train(train_flags(ds_data_bin, work / "lightseq", max_update=UPDATES,
                                            ls_modules=True))
-    return dict(result, reference=reference, work=work)
+    from_lightseq = lightseq_train(train_flags(ds_data_bin, work / "from-lightseq-ref", max_update=3,
+                                               ls_modules=True, extra=restore + ["--reset-optimizer"]))
+    return dict(result, reference=reference, from_lightseq_reference=from_lightseq, work=work)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
@@ -109,6 +116,15 @@ def test_restart_continues_exactly(runs):
     straight = losses(runs["zero1"])
     assert first == straight[:4]
     for update, (a, b) in enumerate(zip(straight[4:], second), start=5):
+        assert abs(a - b) <= LOSS_TOL, f"update {update}: {b:.8f} vs {a:.8f}"
+
+
+def test_lightseq_train_checkpoint_starts_a_deepspeed_run(runs):
+    """A checkpoint without DeepSpeed state (lightseq-train's): the model and data position are
+    restored and the optimizer starts afresh, i.e. lightseq-train --reset-optimizer."""
+    got, expected = losses(runs["from_lightseq"]), losses(runs["from_lightseq_reference"])
+    assert len(got) == len(expected) == 3
+    for update, (a, b) in enumerate(zip(expected, got), start=1):
         assert abs(a - b) <= LOSS_TOL, f"update {update}: {b:.8f} vs {a:.8f}"
 
 
