@@ -15,6 +15,7 @@ from .report import AccelerationReport, UnsupportedModelError
 logger = logging.getLogger("fastpatch")
 
 _REPORT_ATTR = "_fastpatch_report"
+_WRAPPERS = ("DeepSpeedEngine", "DistributedDataParallel", "DataParallel")
 # Classes that look like a transformer layer; one with no adapter is reported, not ignored.
 _LAYER_LIKE = re.compile(r"(EncoderLayer|DecoderLayer|TransformerLayer|Layer|Block)$")
 
@@ -25,7 +26,9 @@ def _unwrap(model: nn.Module, report: AccelerationReport) -> nn.Module:
     while id(model) not in seen:
         seen.add(id(model))
         kind = type(model).__name__
-        if kind in ("DeepSpeedEngine", "DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
+        # by name (no framework import); subclasses such as DeepSpeed's PipelineEngine count too
+        wrapper = {c.__name__ for c in type(model).__mro__} & set(_WRAPPERS)
+        if wrapper and hasattr(model, "module"):
             report.notes.append(f"walked {kind}.module")
             model = model.module
     if type(model).__name__.startswith("Peft"):
