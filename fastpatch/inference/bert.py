@@ -25,7 +25,7 @@ ARCHITECTURE = "bert"
 
 
 @dataclasses.dataclass(frozen=True)
-class BertSpec:
+class BertSpec(checkpoint.ModelSpec):
     """Shape and numerics of a BERT encoder (post-LN, learned absolute positions, token types)."""
 
     vocab_size: int
@@ -63,16 +63,6 @@ class BertSpec:
         if self.pooler:
             shapes.update({"pooler.weight": (h, h), "pooler.bias": (h,)})
         return shapes
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertSpec":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown model fields {unknown} in config.json")
-        return cls(**d)
 
 
 class EncoderOutput(NamedTuple):

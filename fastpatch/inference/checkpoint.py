@@ -13,6 +13,7 @@ is missing, unexpected or of the wrong shape.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Dict, Mapping, Optional, Tuple
@@ -33,6 +34,21 @@ def _safetensors():
         raise ImportError("fastpatch.inference reads and writes weights with the 'safetensors' "
                           "package: pip install safetensors") from exc
     return safetensors.torch
+
+
+class ModelSpec:
+    """Base of the engines' frozen dataclass specs (``BertSpec``, ``GptSpec``,
+    ``TransformerSpec``): the JSON round trip of ``config.json``'s ``model`` section."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model fields {unknown} in config.json")
+        return cls(**d)
 
 
 def validate_spec(spec, positive_ints: Tuple[str, ...]) -> None:

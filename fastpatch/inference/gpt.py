@@ -44,7 +44,7 @@ _MIN_SLOTS = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class GptSpec:
+class GptSpec(checkpoint.ModelSpec):
     """Shape and numerics of a pre-LN decoder-only transformer with learned positions."""
 
     vocab_size: int
@@ -87,17 +87,9 @@ class GptSpec:
         return shapes
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = super().to_dict()
         d["attention_scales"] = list(self.attention_scales)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GptSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model fields {unknown} in config.json")
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)

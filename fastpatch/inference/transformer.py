@@ -39,7 +39,7 @@ _MIN_SOURCE_SLOTS = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerSpec:
+class TransformerSpec(checkpoint.ModelSpec):
     """Shape and numerics of a post-LN encoder-decoder with learned positions (BART)."""
 
     vocab_size: int
@@ -104,15 +104,6 @@ class TransformerSpec:
             shapes["lm_head.weight"] = (v, h)
         return shapes
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TransformerSpec":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown model fields {unknown} in config.json")
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
