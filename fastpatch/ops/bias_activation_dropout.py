@@ -11,20 +11,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd_utils import accumulation_dtype, sum_to_bias
+from ._autograd_utils import EMPTY_SHAPE, accumulation_dtype, dropout_keep_mask, sum_to_bias
 from ._checks import check_choice, check_like, check_probability, check_tensor
 from ._dispatch import FusedOp, kernel_for
 from .activations import ACTIVATION_CODES, activation_derivative, apply_activation
 
 _CODE_TO_NAME = {code: name for name, code in ACTIVATION_CODES.items()}
-_EMPTY_MASK_SHAPE = (0,)
-
-
-def _dropout_mask(like: Tensor, p: float) -> Tensor:
-    """Keep-mask (uint8, 1 = kept) drawn from PyTorch's generator, or an empty tensor if p == 0."""
-    if p == 0.0:
-        return like.new_empty(_EMPTY_MASK_SHAPE, dtype=torch.uint8)
-    return (torch.rand(like.shape, device=like.device) >= p).to(torch.uint8)
 
 
 def _reference_forward(x: Tensor, bias: Optional[Tensor], activation: int, p: float):
@@ -32,7 +24,7 @@ def _reference_forward(x: Tensor, bias: Optional[Tensor], activation: int, p: fl
     if bias is not None:
         y = y + bias.to(y.dtype)
     y = apply_activation(y, _CODE_TO_NAME[activation])
-    mask = _dropout_mask(x, p)
+    mask = dropout_keep_mask(x, p)
     if p > 0.0:
         y = y * mask.to(y.dtype) * (1.0 / (1.0 - p))
     return y.to(x.dtype), mask
@@ -57,7 +49,7 @@ def _forward(x: Tensor, bias: Optional[Tensor], activation: int, p: float) -> tu
 
 
 def _forward_fake(x, bias, activation, p):
-    mask = x.new_empty(x.shape if p > 0.0 else _EMPTY_MASK_SHAPE, dtype=torch.uint8)
+    mask = x.new_empty(x.shape if p > 0.0 else EMPTY_SHAPE, dtype=torch.uint8)
     return torch.empty_like(x, memory_format=torch.contiguous_format), mask
 
 

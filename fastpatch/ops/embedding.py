@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd_utils import accumulation_dtype
+from ._autograd_utils import accumulation_dtype, contiguous_or_none
 from ._checks import check_index_tensor, check_like, check_positive, check_probability, check_tensor
 from ._dispatch import FusedOp, kernel_for
 
@@ -173,8 +173,8 @@ def _forward(input_ids: Tensor, token_weight: Tensor,
                         token_type_ids, token_type_weight, ln_weight, ln_bias)
     if kernel is not None:
         return kernel(input_ids, token_weight.contiguous(), position_ids,
-                      _contiguous(position_weight), token_type_ids, _contiguous(token_type_weight),
-                      _contiguous(ln_weight), _contiguous(ln_bias), sinusoidal, padding_idx, scale,
+                      contiguous_or_none(position_weight), token_type_ids, contiguous_or_none(token_type_weight),
+                      contiguous_or_none(ln_weight), contiguous_or_none(ln_bias), sinusoidal, padding_idx, scale,
                       eps, p)
     return _reference_forward(input_ids, token_weight, position_ids, position_weight,
                               token_type_ids, token_type_weight, ln_weight, ln_bias, sinusoidal,
@@ -205,8 +205,8 @@ def _backward(
                         position_weight, token_type_ids, token_type_weight, ln_weight, ln_bias)
     if kernel is not None:
         return kernel(grad_out.contiguous(), mask, stats, input_ids, token_weight.contiguous(),
-                      position_ids, _contiguous(position_weight), token_type_ids,
-                      _contiguous(token_type_weight), _contiguous(ln_weight), _contiguous(ln_bias),
+                      position_ids, contiguous_or_none(position_weight), token_type_ids,
+                      contiguous_or_none(token_type_weight), contiguous_or_none(ln_weight), contiguous_or_none(ln_bias),
                       sinusoidal, padding_idx, token_padding_idx, scale, p, need_token,
                       need_position, need_type, need_ln)
     return _reference_backward(grad_out, mask, stats, input_ids, token_weight, position_ids,
@@ -226,10 +226,6 @@ def _backward_fake(grad_out, mask, stats, input_ids, token_weight, position_ids,
     return (grad_of(token_weight, need_token), grad_of(position_weight, need_position),
             grad_of(token_type_weight, need_type), grad_of(ln_weight, need_ln),
             grad_of(ln_bias, need_ln))
-
-
-def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
 
 
 # Positions of the differentiable inputs of transformer_embedding_op.

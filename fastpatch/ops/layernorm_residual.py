@@ -25,11 +25,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd_utils import accumulation_dtype
+from ._autograd_utils import EMPTY_SHAPE, accumulation_dtype, contiguous_or_none, dropout_keep_mask
 from ._checks import check_like, check_probability, check_tensor
 from ._dispatch import FusedOp, kernel_for
 
-_EMPTY_SHAPE = (0,)
 # The kernels keep a row in registers: at most 512 threads x 8 packs of 16 bytes, i.e. 32768
 # halves or 16384 floats (csrc/layernorm_residual.cu). Wider rows run the reference.
 _KERNEL_MAX_ROW_BYTES = 512 * 8 * 16
@@ -40,17 +39,6 @@ def _kernel(name: str, x: Tensor, *tensors: Optional[Tensor]):
     if x.shape[-1] * x.element_size() > _KERNEL_MAX_ROW_BYTES:
         return None
     return kernel_for(name, x, *tensors)
-
-
-def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
-
-
-def _dropout_mask(like: Tensor, p: float) -> Tensor:
-    """Keep-mask (uint8, 1 = kept) drawn from PyTorch's generator, or an empty tensor if p == 0."""
-    if p == 0.0:
-        return like.new_empty(_EMPTY_SHAPE, dtype=torch.uint8)
-    return (torch.rand(like.shape, device=like.device) >= p).to(torch.uint8)
 
 
 def _normalize(h: Tensor, weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float):
@@ -70,7 +58,7 @@ def _normalize(h: Tensor, weight: Optional[Tensor], ln_bias: Optional[Tensor], e
 
 def _reference_forward(x, bias, residual, weight, ln_bias, eps, p):
     compute = accumulation_dtype(x.dtype)
-    mask = _dropout_mask(x, p)
+    mask = dropout_keep_mask(x, p)
     v = x.to(compute)
     if bias is not None:
         v = v + bias.to(compute)
@@ -96,10 +84,10 @@ def _reference_backward(grad_out, grad_h, h, mean, rstd, weight, mask, p, need_w
 
     def column_sum(t: Tensor, wanted: bool) -> Tensor:
         if not wanted:
-            return h.new_empty(_EMPTY_SHAPE)
+            return h.new_empty(EMPTY_SHAPE)
         return t.reshape(-1, t.shape[-1]).sum(0).to(h.dtype)
 
-    return (dh.to(h.dtype), dx.to(h.dtype) if p > 0.0 else h.new_empty(_EMPTY_SHAPE),
+    return (dh.to(h.dtype), dx.to(h.dtype) if p > 0.0 else h.new_empty(EMPTY_SHAPE),
             column_sum(dy * xhat, need_weight_grad), column_sum(dy, need_ln_bias_grad),
             column_sum(dx, need_bias_grad))
 
@@ -113,8 +101,8 @@ def _forward(x: Tensor, bias: Optional[Tensor], residual: Tensor, weight: Option
     shape ``x.shape[:-1]``) and the uint8 keep-mask (empty when p == 0)."""
     kernel = _kernel("layernorm_residual_fwd", x, bias, residual, weight, ln_bias)
     if kernel is not None:
-        return kernel(x.contiguous(), _contiguous(bias), residual.contiguous(),
-                      _contiguous(weight), _contiguous(ln_bias), eps, p)
+        return kernel(x.contiguous(), contiguous_or_none(bias), residual.contiguous(),
+                      contiguous_or_none(weight), contiguous_or_none(ln_bias), eps, p)
     return _reference_forward(x, bias, residual, weight, ln_bias, eps, p)
 
 
@@ -124,7 +112,7 @@ def _forward_fake(x, bias, residual, weight, ln_bias, eps, p):
             torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(x.shape[:-1], dtype=stats_dtype),
             x.new_empty(x.shape[:-1], dtype=stats_dtype),
-            x.new_empty(x.shape if p > 0.0 else _EMPTY_SHAPE, dtype=torch.uint8))
+            x.new_empty(x.shape if p > 0.0 else EMPTY_SHAPE, dtype=torch.uint8))
 
 
 def _layer_norm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -132,8 +120,8 @@ def _layer_norm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     """Returns ``(out, mean, rstd)`` as :func:`_forward` does."""
     kernel = _kernel("layernorm_residual_fwd", x, weight, bias)
     if kernel is not None:
-        out, _, mean, rstd, _ = kernel(x.contiguous(), None, None, _contiguous(weight),
-                                       _contiguous(bias), eps, 0.0)
+        out, _, mean, rstd, _ = kernel(x.contiguous(), None, None, contiguous_or_none(weight),
+                                       contiguous_or_none(bias), eps, 0.0)
         return out, mean, rstd
     return _normalize(x, weight, bias, eps)
 
@@ -160,9 +148,9 @@ def _backward(grad_out: Tensor, grad_h: Optional[Tensor], h: Tensor, mean: Tenso
     """
     kernel = _kernel("layernorm_residual_bwd", h, grad_out, grad_h, weight)
     if kernel is not None:
-        return kernel(grad_out.contiguous(), _contiguous(grad_h), h.contiguous(),
-                      mean.contiguous(), rstd.contiguous(), _contiguous(weight),
-                      _contiguous(mask), p, need_weight_grad, need_ln_bias_grad, need_bias_grad)
+        return kernel(grad_out.contiguous(), contiguous_or_none(grad_h), h.contiguous(),
+                      mean.contiguous(), rstd.contiguous(), contiguous_or_none(weight),
+                      contiguous_or_none(mask), p, need_weight_grad, need_ln_bias_grad, need_bias_grad)
     return _reference_backward(grad_out, grad_h, h, mean, rstd, weight, mask, p, need_weight_grad,
                                need_ln_bias_grad, need_bias_grad)
 
@@ -172,7 +160,7 @@ def _backward_fake(grad_out, grad_h, h, mean, rstd, weight, mask, p, need_weight
     hidden = h.shape[-1]
     return (torch.empty_like(h, memory_format=torch.contiguous_format),
             torch.empty_like(h, memory_format=torch.contiguous_format) if p > 0.0
-            else h.new_empty(_EMPTY_SHAPE),
+            else h.new_empty(EMPTY_SHAPE),
             h.new_empty((hidden if need_weight_grad else 0,)),
             h.new_empty((hidden if need_ln_bias_grad else 0,)),
             h.new_empty((hidden if need_bias_grad else 0,)))
