@@ -17,7 +17,6 @@ of fairseq's own ``wps`` over the logged intervals after the first (warm-up) one
 the first two rows also run as two processes (``--num_gpus 2``); otherwise the JSON says not run.
 ``--cpu --smoke`` runs a tiny version on the CPU (checks the script, no timings).
 """
-import argparse
 import datetime
 import json
 import os
@@ -32,7 +31,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from bench_fairseq import (ensure_fastpatch_installed, parse_train, preprocess,  # noqa: E402
-                           synthetic_corpus, train_flags)
+                           synthetic_corpus, train_flags, training_parser)
 from harness import environment  # noqa: E402
 
 LAUNCH = [sys.executable, "-m", "fastpatch.integrations.deepspeed.cli"]
@@ -109,22 +108,8 @@ def report(results):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("--arch", default="transformer_wmt_en_de")
+    parser = training_parser(__doc__.split("\n\n")[0], default_precision="bf16")
     parser.add_argument("--zero", type=int, default=2, choices=[0, 1, 2])
-    parser.add_argument("--precision", default="bf16", choices=["fp16", "bf16", "fp32"])
-    parser.add_argument("--max-tokens", type=int, default=8192)
-    parser.add_argument("--updates", type=int, default=150)
-    parser.add_argument("--log-interval", type=int, default=10)
-    parser.add_argument("--warmup-intervals", type=int, default=3,
-                        help="logged intervals left out of the words/s median")
-    parser.add_argument("--pairs", type=int, default=60000, help="synthetic training pairs")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--work", help="working directory (default: a temporary one)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU (with --smoke)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes: checks that every part runs, timings mean nothing")
     args = parser.parse_args()
     if args.smoke:
         args.arch, args.max_tokens, args.updates, args.log_interval = "transformer_tiny", 1024, 6, 2

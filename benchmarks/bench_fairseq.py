@@ -300,13 +300,12 @@ def report(results):
             print(f"DDP x2 words/s: fairseq {a}, lightseq {b} ({ratio(b, a).strip()})")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def training_parser(description: str, default_precision: str) -> argparse.ArgumentParser:
+    """The training-run options shared with bench_deepspeed.py (same data, same flags)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("--parts", nargs="+", default=["train", "generate", "bleu", "ddp"],
-                        choices=["train", "generate", "bleu", "ddp"])
     parser.add_argument("--arch", default="transformer_wmt_en_de")
-    parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--precision", default=default_precision, choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--updates", type=int, default=150)
     parser.add_argument("--log-interval", type=int, default=10)
@@ -314,12 +313,19 @@ def main():
                         help="logged intervals left out of the words/s median")
     parser.add_argument("--pairs", type=int, default=60000, help="synthetic training pairs")
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--min-len", type=int, default=20, help="generation --min-len")
-    parser.add_argument("--bleu-updates", type=int, default=1500)
     parser.add_argument("--work", help="working directory (default: a temporary one)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (with --smoke)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes: checks that every part runs, timings mean nothing")
+    return parser
+
+
+def main():
+    parser = training_parser(__doc__.split("\n\n")[0], default_precision="fp16")
+    parser.add_argument("--parts", nargs="+", default=["train", "generate", "bleu", "ddp"],
+                        choices=["train", "generate", "bleu", "ddp"])
+    parser.add_argument("--min-len", type=int, default=20, help="generation --min-len")
+    parser.add_argument("--bleu-updates", type=int, default=1500)
     args = parser.parse_args()
     if args.smoke:
         args.arch, args.max_tokens, args.updates, args.log_interval = "transformer_tiny", 1024, 6, 2
