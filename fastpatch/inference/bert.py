@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..layers.functional import layer_norm
 from . import checkpoint
-from .blocks import EncoderLayer, encoder_layer, norm
+from .blocks import EncoderLayer, encoder_layer, encoder_layer_shapes, norm
 from .graphs import CapturedCall, bucket, graphs_available
 from .inputs import token_batch
 
@@ -52,14 +52,7 @@ class BertSpec(checkpoint.ModelSpec):
                   "embed.ln.bias": (h,)}
         for i in range(self.num_layers):
             p = f"layers.{i}."
-            shapes.update({
-                p + "attn.qkv.weight": (3 * h, h), p + "attn.qkv.bias": (3 * h,),
-                p + "attn.out.weight": (h, h), p + "attn.out.bias": (h,),
-                p + "ln1.weight": (h,), p + "ln1.bias": (h,),
-                p + "ffn.fc1.weight": (f, h), p + "ffn.fc1.bias": (f,),
-                p + "ffn.fc2.weight": (h, f), p + "ffn.fc2.bias": (h,),
-                p + "ln2.weight": (h,), p + "ln2.bias": (h,),
-            })
+            shapes.update(encoder_layer_shapes(p, h, f))
         if self.pooler:
             shapes.update({"pooler.weight": (h, h), "pooler.bias": (h,)})
         return shapes

@@ -8,7 +8,7 @@ add + head split in one kernel), ``attention`` (SDPA with a padding mask),
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from torch import Tensor
 
@@ -23,6 +23,19 @@ def linear(tensors: Dict[str, Tensor], prefix: str) -> Projection:
 
 def norm(tensors: Dict[str, Tensor], prefix: str, eps: float) -> LayerNormWeights:
     return LayerNormWeights(tensors[prefix + ".weight"], tensors[prefix + ".bias"], eps)
+
+
+def encoder_layer_shapes(prefix: str, hidden: int, ffn: int) -> Dict[str, Tuple[int, ...]]:
+    """Exported tensor names and shapes of one post-LN encoder layer (see :class:`EncoderLayer`)."""
+    h, f, p = hidden, ffn, prefix
+    return {
+        p + "attn.qkv.weight": (3 * h, h), p + "attn.qkv.bias": (3 * h,),
+        p + "attn.out.weight": (h, h), p + "attn.out.bias": (h,),
+        p + "ln1.weight": (h,), p + "ln1.bias": (h,),
+        p + "ffn.fc1.weight": (f, h), p + "ffn.fc1.bias": (f,),
+        p + "ffn.fc2.weight": (h, f), p + "ffn.fc2.bias": (h,),
+        p + "ln2.weight": (h,), p + "ln2.bias": (h,),
+    }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import ops
 from ..layers.functional import LayerNormWeights, Projection, feed_forward, layer_norm, post_norm_residual
 from . import checkpoint
-from .blocks import EncoderLayer, encoder_layer, linear, norm
+from .blocks import EncoderLayer, encoder_layer, encoder_layer_shapes, linear, norm
 from .cache import KVArena
 from .generation import GenerativeModel, Started
 from .graphs import bucket, graphs_available
@@ -78,14 +78,7 @@ class TransformerSpec(checkpoint.ModelSpec):
                            f"{side}.embed_ln.weight": (h,), f"{side}.embed_ln.bias": (h,)})
         for i in range(self.encoder_layers):
             p = f"encoder.layers.{i}."
-            shapes.update({
-                p + "attn.qkv.weight": (3 * h, h), p + "attn.qkv.bias": (3 * h,),
-                p + "attn.out.weight": (h, h), p + "attn.out.bias": (h,),
-                p + "ln1.weight": (h,), p + "ln1.bias": (h,),
-                p + "ffn.fc1.weight": (f, h), p + "ffn.fc1.bias": (f,),
-                p + "ffn.fc2.weight": (h, f), p + "ffn.fc2.bias": (h,),
-                p + "ln2.weight": (h,), p + "ln2.bias": (h,),
-            })
+            shapes.update(encoder_layer_shapes(p, h, f))
         for i in range(self.decoder_layers):
             p = f"decoder.layers.{i}."
             shapes.update({
