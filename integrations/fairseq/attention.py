@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastpatch import ops
-from fastpatch.layers.functional import Projection
+from fastpatch.layers.functional import ConcatCache, Projection
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
@@ -98,7 +98,8 @@ def _attend_with_weights(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Opti
 
 def self_attention(mha, x: Tensor, key_padding_mask: Optional[Tensor],
                    attn_mask: Optional[Tensor],
-                   incremental_state: Optional[IncrementalState]) -> Tensor:
+                   incremental_state: Optional[IncrementalState],
+                   qkv_cache: Optional[ConcatCache] = None) -> Tensor:
     """``mha(query=x, key=x, value=x, ...)`` up to (not including) ``out_proj``'s bias.
 
     Args:
@@ -108,13 +109,14 @@ def self_attention(mha, x: Tensor, key_padding_mask: Optional[Tensor],
         attn_mask: ``[T, S]`` additive or bool (True = masked), or None.
         incremental_state: fairseq's decoding state; the new keys/values are appended to the
             module's buffer and the query attends to all of them.
+        qkv_cache: the layer's cache of the q/k/v weight concatenation (inference).
 
     Returns:
         ``[T, B, C]``: the output projection without its bias (left to the fused epilogue).
     """
     heads = mha.num_heads
     qkv = Projection((mha.q_proj.weight, mha.k_proj.weight, mha.v_proj.weight),
-                     (mha.q_proj.bias, mha.k_proj.bias, mha.v_proj.bias))
+                     (mha.q_proj.bias, mha.k_proj.bias, mha.v_proj.bias), cache=qkv_cache)
     q, k, v = split_heads(qkv(x), 3, heads)
     if incremental_state is not None:
         saved = mha._get_input_buffer(incremental_state)

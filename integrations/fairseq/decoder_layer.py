@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from fastpatch.adapters import FUSED_ATTR, LayerAdapter
-from fastpatch.layers.functional import (Projection, feed_forward, layer_norm, post_norm_residual,
-                                         pre_norm_residual)
+from fastpatch.layers.functional import (ConcatCache, Projection, feed_forward, layer_norm,
+                                         post_norm_residual, pre_norm_residual)
 
 from . import _checks
 from .attention import active_dropout, cross_attention, self_attention
@@ -30,6 +30,9 @@ from .attention import active_dropout, cross_attention, self_attention
 @dataclasses.dataclass(frozen=True)
 class DecoderLayerPlan:
     activation: str
+    #: the self-attention q/k/v concatenation, reused across inference calls
+    qkv_cache: ConcatCache = dataclasses.field(default_factory=ConcatCache, compare=False,
+                                               repr=False)
 
 
 def _restore_state(mha, incremental_state, prev_state: Optional[List[Tensor]]) -> None:
@@ -70,7 +73,7 @@ class FusedTransformerDecoderLayer:
         h = layer_norm(x, _checks.norm(self.self_attn_layer_norm)) if pre else x
         _restore_state(self.self_attn, incremental_state, prev_self_attn_state)
         y = self_attention(self.self_attn, h, self_attn_padding_mask, self_attn_mask,
-                           incremental_state)
+                           incremental_state, plan.qkv_cache)
         x, h = self._residual(y, self.self_attn.out_proj.bias, residual, self.self_attn_layer_norm,
                               self.encoder_attn_layer_norm if cross else self.final_layer_norm, p)
 

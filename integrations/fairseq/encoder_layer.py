@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 
 from fastpatch.adapters import FUSED_ATTR, LayerAdapter
-from fastpatch.layers.functional import (Projection, feed_forward, layer_norm, post_norm_residual,
-                                         pre_norm_residual)
+from fastpatch.layers.functional import (ConcatCache, Projection, feed_forward, layer_norm,
+                                         post_norm_residual, pre_norm_residual)
 
 from . import _checks
 from .attention import active_dropout, self_attention
@@ -26,6 +26,9 @@ from .attention import active_dropout, self_attention
 @dataclasses.dataclass(frozen=True)
 class EncoderLayerPlan:
     activation: str
+    #: the self-attention q/k/v concatenation, reused across inference calls
+    qkv_cache: ConcatCache = dataclasses.field(default_factory=ConcatCache, compare=False,
+                                               repr=False)
 
 
 class FusedTransformerEncoderLayer:
@@ -46,7 +49,8 @@ class FusedTransformerEncoderLayer:
         p = active_dropout(self.dropout_module)
         residual = x
         h = layer_norm(x, _checks.norm(self.self_attn_layer_norm)) if self.normalize_before else x
-        attn = self_attention(self.self_attn, h, encoder_padding_mask, attn_mask, None)
+        attn = self_attention(self.self_attn, h, encoder_padding_mask, attn_mask, None,
+                              plan.qkv_cache)
         bias = self.self_attn.out_proj.bias
         if self.normalize_before:
             x, h = pre_norm_residual(attn, bias, residual, _checks.norm(self.final_layer_norm), p,
