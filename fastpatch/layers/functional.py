@@ -63,6 +63,13 @@ class Projection:
     transposed: bool = False
     cache: Optional[ConcatCache] = None
 
+    @classmethod
+    def of(cls, *modules, transposed: bool = False, cache: Optional[ConcatCache] = None):
+        """The projection of one framework module (``nn.Linear``, or GPT-2's ``Conv1D`` with
+        ``transposed=True``), or of several stacked (q, k, v) sharing one matmul."""
+        return cls(tuple(m.weight for m in modules), tuple(m.bias for m in modules),
+                   transposed=transposed, cache=cache)
+
     def _cat(self, key: str, tensors: Sequence[Tensor], dim: int) -> Tensor:
         if self.cache is None:
             return torch.cat(list(tensors), dim=dim)
@@ -109,6 +116,11 @@ class LayerNormWeights:
     weight: Optional[Tensor]
     bias: Optional[Tensor]
     eps: float
+
+    @classmethod
+    def of(cls, module) -> "LayerNormWeights":
+        """The weights and eps of an ``nn.LayerNorm`` (or fairseq's subclass of it)."""
+        return cls(module.weight, module.bias, module.eps)
 
 
 def self_attention(x: Tensor, qkv: Projection, out: Projection, num_heads: int, *,

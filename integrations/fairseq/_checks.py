@@ -10,7 +10,6 @@ from torch import nn
 from fairseq.modules import gelu, gelu_accurate
 from fairseq.modules.multihead_attention import MultiheadAttention
 
-from fastpatch.layers.functional import LayerNormWeights
 
 # fairseq's get_activation_fn returns these functions; its other choices (tanh, linear,
 # relu_squared, swish) have no fused kernel.
@@ -24,10 +23,6 @@ def activation_name(fn) -> Optional[str]:
         return _ACTIVATIONS.get(fn)
     except TypeError:  # unhashable callables
         return None
-
-
-def norm(module: nn.Module) -> LayerNormWeights:
-    return LayerNormWeights(module.weight, module.bias, module.eps)
 
 
 def norm_problem(name: str, module, width: int) -> Optional[str]:

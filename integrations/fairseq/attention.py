@@ -115,8 +115,7 @@ def self_attention(mha, x: Tensor, key_padding_mask: Optional[Tensor],
         ``[T, B, C]``: the output projection without its bias (left to the fused epilogue).
     """
     heads = mha.num_heads
-    qkv = Projection((mha.q_proj.weight, mha.k_proj.weight, mha.v_proj.weight),
-                     (mha.q_proj.bias, mha.k_proj.bias, mha.v_proj.bias), cache=qkv_cache)
+    qkv = Projection.of(mha.q_proj, mha.k_proj, mha.v_proj, cache=qkv_cache)
     q, k, v = split_heads(qkv(x), 3, heads)
     if incremental_state is not None:
         saved = mha._get_input_buffer(incremental_state)
@@ -166,7 +165,7 @@ def cross_attention(mha, x: Tensor, encoder_out: Tensor, encoder_padding_mask: O
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.view(
                     -1, mha.beam_size, key_padding_mask.shape[1])[:, 0, :]
-        kv = Projection((mha.k_proj.weight, mha.v_proj.weight), (mha.k_proj.bias, mha.v_proj.bias))
+        kv = Projection.of(mha.k_proj, mha.v_proj)
         k, v = split_heads(kv(encoder_out), 2, heads)
         if saved is not None:
             k, v = k.contiguous(), v.contiguous()

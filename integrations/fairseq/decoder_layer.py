@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from fastpatch.adapters import FUSED_ATTR, LayerAdapter
-from fastpatch.layers.functional import (ConcatCache, Projection, feed_forward, layer_norm,
-                                         post_norm_residual, pre_norm_residual)
+from fastpatch.layers.functional import (ConcatCache, LayerNormWeights, Projection, feed_forward,
+                                         layer_norm, post_norm_residual, pre_norm_residual)
 
 from . import _checks
 from .attention import active_dropout, cross_attention, self_attention
@@ -70,7 +70,7 @@ class FusedTransformerDecoderLayer:
         p = active_dropout(self.dropout_module)
 
         residual = x
-        h = layer_norm(x, _checks.norm(self.self_attn_layer_norm)) if pre else x
+        h = layer_norm(x, LayerNormWeights.of(self.self_attn_layer_norm)) if pre else x
         _restore_state(self.self_attn, incremental_state, prev_self_attn_state)
         y = self_attention(self.self_attn, h, self_attn_padding_mask, self_attn_mask,
                            incremental_state, plan.qkv_cache)
@@ -89,13 +89,14 @@ class FusedTransformerDecoderLayer:
                                   self.encoder_attn_layer_norm, self.final_layer_norm, p)
 
         act_p = active_dropout(self.activation_dropout_module)
-        y = feed_forward(h, Projection((self.fc1.weight,), (self.fc1.bias,)),
-                         Projection((self.fc2.weight,), (self.fc2.bias,)), plan.activation,
+        y = feed_forward(h, Projection.of(self.fc1),
+                         Projection.of(self.fc2), plan.activation,
                          activation_dropout=act_p, training=act_p > 0)
         if pre:
             x = x + F.dropout(y + self.fc2.bias, p, training=p > 0)
         else:
-            x = post_norm_residual(y, self.fc2.bias, x, _checks.norm(self.final_layer_norm), p, p > 0)
+            x = post_norm_residual(y, self.fc2.bias, x, LayerNormWeights.of(self.final_layer_norm), p,
+                                   p > 0)
         return x, attn, None
 
     def _residual(self, y: Tensor, bias: Optional[Tensor], residual: Tensor, own_norm: nn.Module,
@@ -103,8 +104,8 @@ class FusedTransformerDecoderLayer:
         """End of a sub-block: ``(x, input of the next sub-block)``. Post-LN normalises with the
         sub-block's own LayerNorm; pre-LN adds the residual and applies the next one's."""
         if self.normalize_before:
-            return pre_norm_residual(y, bias, residual, _checks.norm(next_norm), p, p > 0)
-        x = post_norm_residual(y, bias, residual, _checks.norm(own_norm), p, p > 0)
+            return pre_norm_residual(y, bias, residual, LayerNormWeights.of(next_norm), p, p > 0)
+        x = post_norm_residual(y, bias, residual, LayerNormWeights.of(own_norm), p, p > 0)
         return x, x
 
 

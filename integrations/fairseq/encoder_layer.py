@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 
 from fastpatch.adapters import FUSED_ATTR, LayerAdapter
-from fastpatch.layers.functional import (ConcatCache, Projection, feed_forward, layer_norm,
-                                         post_norm_residual, pre_norm_residual)
+from fastpatch.layers.functional import (ConcatCache, LayerNormWeights, Projection, feed_forward,
+                                         layer_norm, post_norm_residual, pre_norm_residual)
 
 from . import _checks
 from .attention import active_dropout, self_attention
@@ -48,26 +48,22 @@ class FusedTransformerEncoderLayer:
                                               -1e8 if x.dtype == torch.float32 else -1e4)
         p = active_dropout(self.dropout_module)
         residual = x
-        h = layer_norm(x, _checks.norm(self.self_attn_layer_norm)) if self.normalize_before else x
+        attn_norm = LayerNormWeights.of(self.self_attn_layer_norm)
+        final_norm = LayerNormWeights.of(self.final_layer_norm)
+        h = layer_norm(x, attn_norm) if self.normalize_before else x
         attn = self_attention(self.self_attn, h, encoder_padding_mask, attn_mask, None,
                               plan.qkv_cache)
         bias = self.self_attn.out_proj.bias
         if self.normalize_before:
-            x, h = pre_norm_residual(attn, bias, residual, _checks.norm(self.final_layer_norm), p,
-                                     p > 0)
+            x, h = pre_norm_residual(attn, bias, residual, final_norm, p, p > 0)
         else:
-            x = h = post_norm_residual(attn, bias, residual, _checks.norm(self.self_attn_layer_norm),
-                                       p, p > 0)
+            x = h = post_norm_residual(attn, bias, residual, attn_norm, p, p > 0)
         act_p = active_dropout(self.activation_dropout_module)
-        y = feed_forward(h, _linear(self.fc1), _linear(self.fc2), plan.activation,
+        y = feed_forward(h, Projection.of(self.fc1), Projection.of(self.fc2), plan.activation,
                          activation_dropout=act_p, training=act_p > 0)
         if self.normalize_before:
             return x + F.dropout(y + self.fc2.bias, p, training=p > 0)
-        return post_norm_residual(y, self.fc2.bias, x, _checks.norm(self.final_layer_norm), p, p > 0)
-
-
-def _linear(module: nn.Linear) -> Projection:
-    return Projection((module.weight,), (module.bias,))
+        return post_norm_residual(y, self.fc2.bias, x, final_norm, p, p > 0)
 
 
 class EncoderLayerAdapter(LayerAdapter):

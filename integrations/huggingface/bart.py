@@ -55,18 +55,6 @@ class BartLayerPlan:
                                                     repr=False)
 
 
-def _linear(module: nn.Linear) -> Projection:
-    return Projection((module.weight,), (module.bias,))
-
-
-def _stacked(*modules: nn.Linear, cache: ConcatCache) -> Projection:
-    return Projection(tuple(m.weight for m in modules), tuple(m.bias for m in modules), cache=cache)
-
-
-def _norm(module: nn.LayerNorm) -> LayerNormWeights:
-    return LayerNormWeights(module.weight, module.bias, module.eps)
-
-
 def _fused_call(config, kwargs) -> bool:
     """False where only the original forward can serve the call.
 
@@ -88,11 +76,11 @@ def _add_norm(plan: BartLayerPlan, y, bias, residual, norm: nn.LayerNorm,
     last sublayer).
     """
     if not plan.pre_norm:
-        out = post_norm_residual(y, bias, residual, _norm(norm), dropout, training)
+        out = post_norm_residual(y, bias, residual, LayerNormWeights.of(norm), dropout, training)
         return out, out
     if next_norm is None:
         return residual + nn.functional.dropout(y + bias, dropout, training), None
-    return pre_norm_residual(y, bias, residual, _norm(next_norm), dropout, training)
+    return pre_norm_residual(y, bias, residual, LayerNormWeights.of(next_norm), dropout, training)
 
 
 def _clamp_fp16(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -118,15 +106,15 @@ class FusedBartShapedEncoderLayer:
         key_padding_mask, attn_mask = split_hf_mask(attention_mask)
         x = hidden_states
         if plan.pre_norm:
-            x = layer_norm(hidden_states, _norm(self.self_attn_layer_norm))
+            x = layer_norm(hidden_states, LayerNormWeights.of(self.self_attn_layer_norm))
         context = self_attention(
-            x, _stacked(attn.q_proj, attn.k_proj, attn.v_proj, cache=plan.qkv_cache),
-            _linear(attn.out_proj), attn.num_heads, key_padding_mask=key_padding_mask,
+            x, Projection.of(attn.q_proj, attn.k_proj, attn.v_proj, cache=plan.qkv_cache),
+            Projection.of(attn.out_proj), attn.num_heads, key_padding_mask=key_padding_mask,
             attn_mask=attn_mask, attn_dropout=attn.dropout, training=training, scale=attn.scaling)
         residual, x = _add_norm(plan, context, attn.out_proj.bias, hidden_states,
                                 self.self_attn_layer_norm, self.final_layer_norm, self.dropout,
                                 training)
-        ffn = feed_forward(x, _linear(self.fc1), _linear(self.fc2), plan.activation,
+        ffn = feed_forward(x, Projection.of(self.fc1), Projection.of(self.fc2), plan.activation,
                            activation_dropout=self.activation_dropout, training=training)
         out, _ = _add_norm(plan, ffn, self.fc2.bias, residual, self.final_layer_norm, None,
                            self.dropout, training)
@@ -199,10 +187,10 @@ class FusedBartShapedDecoderLayer:
             q_len=hidden_states.shape[1])
         x = hidden_states
         if plan.pre_norm:
-            x = layer_norm(hidden_states, _norm(self.self_attn_layer_norm))
+            x = layer_norm(hidden_states, LayerNormWeights.of(self.self_attn_layer_norm))
         context = self_attention(
-            x, _stacked(attn.q_proj, attn.k_proj, attn.v_proj, cache=plan.qkv_cache),
-            _linear(attn.out_proj), attn.num_heads, key_padding_mask=key_padding_mask,
+            x, Projection.of(attn.q_proj, attn.k_proj, attn.v_proj, cache=plan.qkv_cache),
+            Projection.of(attn.out_proj), attn.num_heads, key_padding_mask=key_padding_mask,
             attn_mask=attn_mask,
             # no 4D mask: transformers relies on the attention's own causality (SDPA's
             # is_causal, flash's causal flag)
@@ -216,9 +204,9 @@ class FusedBartShapedDecoderLayer:
             key_padding_mask, attn_mask = split_hf_mask(encoder_attention_mask)
             memory_kv, kv_update = _cross_attention_cache(past_key_values, cross.layer_idx)
             context = cross_attention(
-                x, _linear(cross.q_proj),
-                _stacked(cross.k_proj, cross.v_proj, cache=plan.cross_kv_cache),
-                _linear(cross.out_proj), cross.num_heads, encoder_hidden_states,
+                x, Projection.of(cross.q_proj),
+                Projection.of(cross.k_proj, cross.v_proj, cache=plan.cross_kv_cache),
+                Projection.of(cross.out_proj), cross.num_heads, encoder_hidden_states,
                 memory_kv=memory_kv, kv_update=kv_update, key_padding_mask=key_padding_mask,
                 attn_mask=attn_mask, attn_dropout=cross.dropout, training=training,
                 scale=cross.scaling)
@@ -226,7 +214,7 @@ class FusedBartShapedDecoderLayer:
                                     self.encoder_attn_layer_norm, self.final_layer_norm,
                                     self.dropout, training)
 
-        ffn = feed_forward(x, _linear(self.fc1), _linear(self.fc2), plan.activation,
+        ffn = feed_forward(x, Projection.of(self.fc1), Projection.of(self.fc2), plan.activation,
                            activation_dropout=self.activation_dropout, training=training)
         out, _ = _add_norm(plan, ffn, self.fc2.bias, residual, self.final_layer_norm, None,
                            self.dropout, training)

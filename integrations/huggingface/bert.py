@@ -34,14 +34,6 @@ class BertLayerPlan:
                                                repr=False)
 
 
-def _linear(module: nn.Linear) -> Projection:
-    return Projection((module.weight,), (module.bias,))
-
-
-def _norm(module: nn.LayerNorm) -> LayerNormWeights:
-    return LayerNormWeights(module.weight, module.bias, module.eps)
-
-
 class FusedBertShapedLayer:
     """Fused forward of a BERT-shaped layer; the original forward remains the fallback."""
 
@@ -58,17 +50,18 @@ class FusedBertShapedLayer:
         training = self.training
         context = self_attention(
             hidden_states,
-            Projection((sa.query.weight, sa.key.weight, sa.value.weight),
-                       (sa.query.bias, sa.key.bias, sa.value.bias), cache=plan.qkv_cache),
-            _linear(attn.output.dense), plan.num_heads,
+            Projection.of(sa.query, sa.key, sa.value, cache=plan.qkv_cache),
+            Projection.of(attn.output.dense), plan.num_heads,
             key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             attn_dropout=plan.attention_dropout, training=training, scale=plan.scale)
         hidden = post_norm_residual(context, attn.output.dense.bias, hidden_states,
-                                    _norm(attn.output.LayerNorm), plan.hidden_dropout, training)
-        ffn = feed_forward(hidden, _linear(self.intermediate.dense), _linear(self.output.dense),
-                           plan.activation, training=training)
-        return post_norm_residual(ffn, self.output.dense.bias, hidden, _norm(self.output.LayerNorm),
-                                  plan.hidden_dropout, training)
+                                    LayerNormWeights.of(attn.output.LayerNorm), plan.hidden_dropout,
+                                    training)
+        ffn = feed_forward(hidden, Projection.of(self.intermediate.dense),
+                           Projection.of(self.output.dense), plan.activation, training=training)
+        return post_norm_residual(ffn, self.output.dense.bias, hidden,
+                                  LayerNormWeights.of(self.output.LayerNorm), plan.hidden_dropout,
+                                  training)
 
 
 class BertLayerAdapter(LayerAdapter):

@@ -29,14 +29,6 @@ class GPT2BlockPlan:
     scale: float
 
 
-def _conv1d(module) -> Projection:
-    return Projection((module.weight,), (module.bias,), transposed=True)
-
-
-def _norm(module: nn.LayerNorm) -> LayerNormWeights:
-    return LayerNormWeights(module.weight, module.bias, module.eps)
-
-
 class FusedGPT2Block:
     """Fused forward of ``GPT2Block``; falls back to the original for cross-attention/attentions."""
 
@@ -54,16 +46,19 @@ class FusedGPT2Block:
             def kv_update(k, v):
                 return cache.update(k, v, plan.layer_idx)
         key_padding_mask, attn_mask = split_hf_mask(attention_mask)
-        normed = layer_norm(hidden_states, _norm(self.ln_1))
+        normed = layer_norm(hidden_states, LayerNormWeights.of(self.ln_1))
         context = self_attention(
-            normed, _conv1d(self.attn.c_attn), _conv1d(self.attn.c_proj), plan.num_heads,
+            normed, Projection.of(self.attn.c_attn, transposed=True),
+            Projection.of(self.attn.c_proj, transposed=True), plan.num_heads,
             key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             # with no 4D mask, transformers relies on causal attention (bottom-right aligned)
             causal=attn_mask is None, attn_dropout=plan.attention_dropout, training=training,
             scale=plan.scale, kv_update=kv_update)
         residual, normed = pre_norm_residual(context, self.attn.c_proj.bias, hidden_states,
-                                             _norm(self.ln_2), plan.residual_dropout, training)
-        mlp = feed_forward(normed, _conv1d(self.mlp.c_fc), _conv1d(self.mlp.c_proj), plan.activation,
+                                             LayerNormWeights.of(self.ln_2), plan.residual_dropout,
+                                             training)
+        mlp = feed_forward(normed, Projection.of(self.mlp.c_fc, transposed=True),
+                           Projection.of(self.mlp.c_proj, transposed=True), plan.activation,
                            training=training)
         return residual + nn.functional.dropout(mlp + self.mlp.c_proj.bias, plan.residual_dropout,
                                                 training)
