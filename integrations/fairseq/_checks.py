@@ -62,6 +62,15 @@ def attention_problem(name: str, mha, *, self_attention: bool) -> Optional[str]:
     return None
 
 
+def overridden_problem(module: nn.Module, base: type) -> Optional[str]:
+    """A subclass that overrides the methods the fused forward replaces would lose its changes."""
+    cls = type(module)
+    for method in ("forward", "residual_connection"):
+        if getattr(cls, method) is not getattr(base, method):
+            return f"{cls.__name__} overrides {method}"
+    return None
+
+
 def wrapped_forward_problem(module: nn.Module) -> Optional[str]:
     """fairseq's ``checkpoint_wrapper`` (--checkpoint-activations) binds the original forward on
     the instance, where a class swap cannot reach it."""

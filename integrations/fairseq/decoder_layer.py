@@ -117,10 +117,9 @@ class DecoderLayerAdapter(LayerAdapter):
         return isinstance(module, TransformerDecoderLayerBase)
 
     def unsupported_reason(self, module: nn.Module, path: str) -> Optional[str]:
-        cls = type(module)
-        for method in ("forward", "residual_connection"):
-            if getattr(cls, method) is not getattr(TransformerDecoderLayerBase, method):
-                return f"{cls.__name__} overrides {method}"
+        overridden = _checks.overridden_problem(module, TransformerDecoderLayerBase)
+        if overridden:
+            return overridden
         if module.cross_self_attention:
             return "cross_self_attention=True"
         for knob, attr in (("scale_attn", "attn_ln"), ("scale_heads", "c_attn"),

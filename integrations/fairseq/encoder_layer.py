@@ -74,10 +74,9 @@ class EncoderLayerAdapter(LayerAdapter):
         return isinstance(module, TransformerEncoderLayerBase)
 
     def unsupported_reason(self, module: nn.Module, path: str) -> Optional[str]:
-        cls = type(module)
-        for method in ("forward", "residual_connection"):
-            if getattr(cls, method) is not getattr(TransformerEncoderLayerBase, method):
-                return f"{cls.__name__} overrides {method}"
+        overridden = _checks.overridden_problem(module, TransformerEncoderLayerBase)
+        if overridden:
+            return overridden
         if module.return_fc:
             return "return_fc=True (the fc2 output is returned separately)"
         if _checks.activation_name(module.activation_fn) is None:
