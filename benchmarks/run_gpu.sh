@@ -9,6 +9,8 @@
 # Carry the wheel kit as .whl (see ../shared/device/README.md) for fairseq/DeepSpeed.
 # Each stage has a time cap (seconds) so one call fits the device's 10-minute limit:
 #   TESTS_TIMEOUT (default 240), OPS_TIMEOUT (180), MODELS_TIMEOUT (300).
+# STAGES picks what runs after the build (default "tests ops models inference"), so a session can
+# split the work over calls while the machine stays warm (the in-place build is kept).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -33,23 +35,29 @@ FASTPATCH_BUILD_CUDA=0 python3 -m pip install -q --no-deps --no-build-isolation 
   > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
 python3 -m fastpatch.cli env 2>/dev/null | tee "$OUT/env.txt"
 
+STAGES=" ${STAGES:-tests ops models inference} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
+tests_rc=0
+if want tests; then
 echo "== cuda tests"
 timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -m cuda -p no:cacheprovider ${1:+-k "$1"} tests \
   --junitxml="$OUT/cuda-tests.xml" > "$OUT/cuda-tests.log" 2>&1
 tests_rc=$?
 grep -E "^(FAILED|ERROR)" "$OUT/cuda-tests.log" | head -40
 tail -1 "$OUT/cuda-tests.log"
+fi
 
 echo "== benchmarks"
-timeout "${OPS_TIMEOUT:-180}" python3 benchmarks/bench_ops.py --out "$OUT" > "$OUT/bench-ops.log" 2>&1 \
-  || tail -20 "$OUT/bench-ops.log"
-for script in benchmarks/bench_models.py benchmarks/bench_inference.py; do
-  [ -f "$script" ] && { timeout "${MODELS_TIMEOUT:-300}" python3 "$script" --out "$OUT" \
+want ops && { timeout "${OPS_TIMEOUT:-180}" python3 benchmarks/bench_ops.py --out "$OUT" > "$OUT/bench-ops.log" 2>&1 \
+  || tail -20 "$OUT/bench-ops.log"; }
+for stage in models inference; do
+  script=benchmarks/bench_$stage.py
+  want "$stage" && { timeout "${MODELS_TIMEOUT:-300}" python3 "$script" --out "$OUT" \
     > "$OUT/$(basename "$script" .py).log" 2>&1 || tail -20 "$OUT/$(basename "$script" .py).log"; }
 done
 
 echo "== summary ($((SECONDS - start)) s)"
-echo "cuda tests: $(tail -1 "$OUT/cuda-tests.log")"
-sed -n '/^# /,$p' "$OUT/bench-ops.log"
+[ -f "$OUT/cuda-tests.log" ] && echo "cuda tests: $(tail -1 "$OUT/cuda-tests.log")"
+[ -f "$OUT/bench-ops.log" ] && sed -n '/^# /,$p' "$OUT/bench-ops.log"
 for log in "$OUT"/bench_models.log "$OUT"/bench_inference.log; do [ -f "$log" ] && sed -n '/^# /,$p' "$log"; done
 exit $tests_rc
