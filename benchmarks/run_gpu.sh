@@ -41,8 +41,9 @@ want() { [[ "$STAGES" == *" $1 "* ]]; }
 tests_rc=0
 if want tests; then
 echo "== cuda tests"
-timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -m cuda -p no:cacheprovider ${1:+-k "$1"} tests \
-  --junitxml="$OUT/cuda-tests.xml" > "$OUT/cuda-tests.log" 2>&1
+# -v: a stage cut by its time cap still leaves the name and verdict of every test that ran
+timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -v -rfE --tb=short --durations=10 -m cuda \
+  -p no:cacheprovider ${1:+-k "$1"} tests --junitxml="$OUT/cuda-tests.xml" > "$OUT/cuda-tests.log" 2>&1
 tests_rc=$?
 grep -E "^(FAILED|ERROR)" "$OUT/cuda-tests.log" | head -40
 tail -1 "$OUT/cuda-tests.log"
