@@ -9,7 +9,10 @@ every flag the user gave, plus:
   ``--arch transformer_*`` too, and models loaded from checkpoints for generation), the report
   in the log;
 * fairseq's checkpoints loadable under torch >= 2.6 (its pickled types allow-listed; safe loading
-  stays on).
+  stays on);
+* ``--bf16`` on GPUs: fairseq 0.12 sets ``--tpu`` whenever ``--bf16`` is given (bf16 was a TPU
+  feature when it was written), so ``fairseq-train --bf16`` on a GPU dies in ``Trainer`` asking
+  for an XLA device. The commands clear that implied flag unless ``--tpu`` was given.
 
 ``lightseq-train --demo`` runs the bundled demo instead (see :mod:`.demo`). Without the console
 scripts installed: ``python -m fastpatch.integrations.fairseq.cli train|generate|interactive ...``.
@@ -17,6 +20,7 @@ scripts installed: ``python -m fastpatch.integrations.fairseq.cli train|generate
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import sys
@@ -25,10 +29,6 @@ from typing import List, Optional, Sequence
 from . import USER_DIR, hooks
 
 logger = logging.getLogger("fastpatch.fairseq")
-
-
-def _has_user_dir(argv: Sequence[str]) -> bool:
-    return any(a == "--user-dir" or a.startswith("--user-dir=") for a in argv)
 
 
 @contextlib.contextmanager
@@ -42,19 +42,47 @@ def command_line(argv: List[str]):
         sys.argv = saved
 
 
+def _given(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+@contextlib.contextmanager
+def bf16_without_implied_tpu(argv: Sequence[str]):
+    """Within the block, ``options.parse_args_and_arch`` leaves ``tpu`` off for ``--bf16``
+    unless ``--tpu`` is among ``argv`` (see the module docstring)."""
+    from fairseq import options
+
+    original = options.parse_args_and_arch
+    explicit_tpu = _given(argv, "--tpu")
+
+    @functools.wraps(original)
+    def parse_args_and_arch(*args, **kwargs):
+        parsed = original(*args, **kwargs)
+        if getattr(parsed, "bf16", False) and not explicit_tpu:
+            parsed.tpu = False
+        return parsed
+
+    options.parse_args_and_arch = parse_args_and_arch
+    try:
+        yield
+    finally:
+        options.parse_args_and_arch = original
+
+
 def _run(fairseq_module: str, prog: str, argv: Optional[Sequence[str]]) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = importlib.import_module(fairseq_module)
     from .registry import register
 
     register()  # in this process as well: the user may bring their own --user-dir
-    if _has_user_dir(argv):
+    if _given(argv, "--user-dir"):
         logger.warning("%s: using your --user-dir; fastpatch's modules are registered in this "
                        "process only, so for multi-GPU runs call "
                        "fastpatch.integrations.fairseq.registry.register() from your user dir", prog)
     else:
         argv = ["--user-dir", USER_DIR] + argv
-    with hooks.accelerate_built_models(), command_line([prog] + argv):
+    with hooks.accelerate_built_models(), bf16_without_implied_tpu(argv), \
+            command_line([prog] + argv):
         command.cli_main()
 
 

@@ -119,10 +119,17 @@ def preprocess(args: Sequence[str]) -> None:
 
 
 def fairseq_train(args: Sequence[str]) -> List[Dict]:
-    """Plain ``fairseq-train`` in this process; returns the recorded updates."""
+    """Plain ``fairseq-train`` in this process; returns the recorded updates.
+
+    fairseq 0.12 cannot run ``--bf16`` on a GPU as shipped (it implies ``--tpu``); the reference
+    gets the one-flag correction ``lightseq-train`` applies, nothing else.
+    """
     from fairseq_cli import train
 
-    with recorded_updates() as records, argv(["fairseq-train"] + list(args)):
+    from fastpatch.integrations.fairseq.cli import bf16_without_implied_tpu
+
+    with recorded_updates() as records, argv(["fairseq-train"] + list(args)), \
+            bf16_without_implied_tpu(args):
         train.cli_main()
     return records
 

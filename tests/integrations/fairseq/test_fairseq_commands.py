@@ -50,6 +50,23 @@ def test_lightseq_train_matches_fairseq_train(data_bin, tmp_path, ls_modules):
         assert ours["model"][key].dtype == value.dtype and ours["model"][key].shape == value.shape
 
 
+def test_bf16_runs_without_the_tpu_fairseq_implies(data_bin, tmp_path):
+    """fairseq 0.12 turns --bf16 into --tpu and then asks for an XLA device; lightseq-train
+    trains in bf16 on the device it was given (the CPU here, a GPU in the cuda tests)."""
+    flags = train_flags(data_bin, tmp_path / "fairseq", max_update=3, extra=["--bf16"])
+    with pytest.raises(AttributeError, match="xla_device"):
+        with argv(["fairseq-train"] + flags):
+            from fairseq_cli import train
+
+            train.cli_main()
+    got = lightseq_train(train_flags(data_bin, tmp_path / "lightseq", max_update=3,
+                                     extra=["--bf16"]))
+    assert len(got) == 3 and all(r["replaced"] == 4 for r in got)
+    assert all(0 < r["loss"] < 20 for r in got)
+    common = _checkpoint(tmp_path / "lightseq" / "checkpoint_last.pt")["cfg"]["common"]
+    assert common["bf16"] and not common["tpu"]
+
+
 @pytest.fixture(scope="module")
 def lightseq_checkpoint(data_bin, tmp_path_factory):
     """A model trained by lightseq-train with the ls_* modules, long enough to translate."""
