@@ -98,6 +98,21 @@ def bert_rows(reps: int, export_dir: str):
     return rows
 
 
+def _token_agreement(out, reference) -> str:
+    """``"16/16 rows"``, or with the first step where a row leaves the reference: fp16 greedy
+    decoding of random weights meets near-ties, where any change of summation order may flip
+    the argmax and the rest of the row follows it."""
+    if out.shape != reference.shape:
+        return f"shape {tuple(out.shape)} != {tuple(reference.shape)}"
+    same = (out == reference).all(dim=1)
+    text = f"{int(same.sum())}/{len(same)} rows"
+    if not same.all():
+        first = [int((row != ref).nonzero()[0]) for row, ref in zip(out, reference)
+                 if not torch.equal(row, ref)]
+        text += f" (others from step {min(first)})"
+    return text
+
+
 def _run(variants, workload, shape, reps, check_tokens):
     rows, reference = [], None
     for name, fn in variants.items():
@@ -106,7 +121,7 @@ def _run(variants, workload, shape, reps, check_tokens):
             if reference is None:
                 reference = out
             if check_tokens:
-                match = bool(out.shape == reference.shape and torch.equal(out, reference))
+                match = _token_agreement(out, reference)
             else:
                 err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
                 match = f"rel err {err:.1e}"

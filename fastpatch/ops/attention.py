@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._autograd_utils import accumulation_dtype, sum_to_bias
 from ._checks import check_index_tensor, check_like, check_probability, check_positive, check_tensor
@@ -299,8 +300,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     else:
         dead = (mask == float("-inf")).all(dim=-1, keepdim=True)
         mask = mask.masked_fill(dead, 0.0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
+    out = _masked_sdpa(q, k, v, mask, sdpa)
     return out.masked_fill(dead, 0.0)
+
+
+# cuDNN's SDPA backward (torch 2.11, cuDNN 9.19, H100) returns wrong key/value gradients for
+# some masked calls: BART-shaped cross-attention with its [B, 1, Lq, S] mask got dK/dV at a
+# relative error of ~1.4 against fp64 while the memory-efficient and math backends agreed to
+# 1e-2 (tests/integrations/huggingface/test_bart.py, cuda tests). Masked calls that will be
+# differentiated therefore leave cuDNN out; masks never reach flash, so they run
+# memory-efficient. Inference keeps every backend.
+_MASKED_BACKWARD_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                             SDPBackend.MATH]
+
+
+def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sdpa: dict) -> Tensor:
+    differentiated = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                  or v.requires_grad)
+    # dynamo traces sdpa_kernel, so compiled graphs make the same choice
+    if differentiated and q.is_cuda:
+        with sdpa_kernel(_MASKED_BACKWARD_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
 
 
 # ----------------------------------------------------------------------------------- KV cache
