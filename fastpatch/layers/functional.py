@@ -10,8 +10,7 @@ Shapes: ``x`` is ``[B, L, H]``; a projection weight is ``[out, in]`` (``nn.Linea
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -48,7 +47,6 @@ class ConcatCache:
         self._entries.clear()
 
 
-@dataclasses.dataclass(frozen=True)
 class Projection:
     """A linear map whose weight is one tensor or the row-concatenation of several.
 
@@ -56,12 +54,20 @@ class Projection:
     value); they are concatenated so that one matmul serves them all, which keeps the checkpoint
     layout untouched. Training concatenates per call (a copy of a few MB); with a ``cache``,
     inference concatenates once (see :class:`ConcatCache`).
+
+    A plain class, not a frozen dataclass: one is built per projection per forward, and dynamo
+    cannot trace the ``object.__setattr__`` of a frozen dataclass's ``__init__``.
     """
 
-    weights: Sequence[Tensor]
-    biases: Optional[Sequence[Optional[Tensor]]] = None
-    transposed: bool = False
-    cache: Optional[ConcatCache] = None
+    __slots__ = ("weights", "biases", "transposed", "cache")
+
+    def __init__(self, weights: Sequence[Tensor],
+                 biases: Optional[Sequence[Optional[Tensor]]] = None, transposed: bool = False,
+                 cache: Optional[ConcatCache] = None):
+        self.weights = weights
+        self.biases = biases
+        self.transposed = transposed
+        self.cache = cache
 
     @classmethod
     def of(cls, *modules, transposed: bool = False, cache: Optional[ConcatCache] = None):
@@ -111,8 +117,9 @@ def promote(*tensors: Optional[Tensor]):
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerNormWeights:
+class LayerNormWeights(NamedTuple):
+    """An ``nn.LayerNorm``'s affine parameters and eps (a tuple: built per call, traceable)."""
+
     weight: Optional[Tensor]
     bias: Optional[Tensor]
     eps: float
