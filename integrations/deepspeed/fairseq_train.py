@@ -219,5 +219,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     run(args, config)
 
 
+def _exit_process_group() -> None:
+    """Destroys torch distributed's process group before the worker exits: one left alive keeps
+    NCCL's watchdog thread running at interpreter exit, and torch 2.11 then aborts the finished
+    worker (SIGABRT, "terminate called without an active exception"), which the launcher
+    reports as a failed run. Only the launched script does this; in-process callers of
+    :func:`main` may run again in the same process group."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        _exit_process_group()
