@@ -71,7 +71,7 @@ def accelerate(model: nn.Module, *, strict: bool = False, training: Optional[boo
     for path, module in root.named_modules():
         if any(path.startswith(prefix + ".") for prefix in claimed):
             continue
-        if is_accelerated(module):
+        if is_accelerated(module) and not getattr(type(module), "_fastpatch_routing_only", False):
             report.replaced[path] = type(module).__name__
             claimed.append(path)
             continue
@@ -89,6 +89,7 @@ def accelerate(model: nn.Module, *, strict: bool = False, training: Optional[boo
         adapter.accelerate(module)
         report.replaced[path] = type(module).__name__
     _route_generate(root, report)
+    _route_encoder_forward(root, report)
     _fuse_loss(root, report)
     setattr(model, _REPORT_ATTR, report)
     if root is not model:
@@ -113,6 +114,26 @@ def _route_generate(root: nn.Module, report: AccelerationReport) -> None:
     enable_generate(root)
     report.notes.append("generate() runs the fastpatch decoding engine where the call allows "
                         "(greedy, sampling, beam search), else Hugging Face's loop (logged)")
+
+
+def _route_encoder_forward(root: nn.Module, report: AccelerationReport) -> None:
+    """Replay the encoder engine's CUDA graphs for inference forwards of BERT encoders whose
+    every layer was replaced (see :mod:`fastpatch.inference.hf_encoder`)."""
+    from .inference.hf_encoder import ENGINE_ENCODERS, enable_encoder_forward
+
+    routed = []
+    for path, module in root.named_modules():
+        if type(module).__name__ not in ENGINE_ENCODERS or is_accelerated(module):
+            continue
+        layers = getattr(getattr(module, "encoder", None), "layer", None)
+        if not layers or not all(is_accelerated(layer) for layer in layers):
+            continue
+        enable_encoder_forward(module)
+        routed.append(path or type(module).__name__)
+    if routed:
+        report.notes.append(
+            f"inference forwards of {', '.join(routed)} (eval, no autograd, CUDA) replay the "
+            "encoder engine's CUDA graphs; other calls run the fused layers (logged at DEBUG)")
 
 
 def _fuse_loss(root: nn.Module, report: AccelerationReport) -> None:

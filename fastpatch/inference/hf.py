@@ -64,6 +64,9 @@ class _Plan:
 class EngineGenerate:
     """``generate`` that runs the fastpatch engine when the call allows it."""
 
+    #: the class swap only routes calls: ``accelerate`` still walks (and reports) the layers
+    _fastpatch_routing_only = True
+
     def generate(self, inputs=None, generation_config=None, **kwargs):
         plan = _plan(self, inputs, generation_config, kwargs)
         if isinstance(plan, str):

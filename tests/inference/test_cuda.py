@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastpatch  # noqa: E402
 import fastpatch.inference as fi  # noqa: E402
+from fastpatch.adapters import FUSED_ATTR  # noqa: E402
 from inference_models import PAD, bert, gpt2, left_padded, make_eos_likely  # noqa: E402
 from numerics import assert_within_factor_of_torch  # noqa: E402
 
@@ -116,6 +117,37 @@ def test_bert_matches_hf_by_the_precision_rule(dtype, batch, length, tmp_path):
                                   ref.last_hidden_state * m, "last_hidden_state")
     assert_within_factor_of_torch(out.pooler_output.double(), same.pooler_output.double(),
                                   ref.pooler_output, "pooler_output")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_accelerated_bert_inference_forward_replays_graphs_within_the_rule(dtype):
+    """accelerate() alone: no_grad forwards of the model replay the engine's graphs (right and
+    left padding, changing shapes), within the precision rule of HF in the same dtype; a
+    forward with autograd on still runs the fused layers."""
+    model = bert(max_position_embeddings=128)
+    reference = copy.deepcopy(model).double().cuda()
+    hf = _cuda(copy.deepcopy(model), dtype)
+    routed = fastpatch.accelerate(_cuda(copy.deepcopy(model), dtype))
+    for batch, length, side in [(1, 128, "left"), (3, 37, "right"), (8, 64, "left")]:
+        ids, mask = left_padded(99, batch=batch, length=length, seed=length)
+        if side == "right":
+            ids, mask = ids.flip(1), mask.flip(1)
+        ids, mask = ids.cuda(), mask.cuda()
+        with torch.no_grad():
+            ref, same = reference(ids, mask), hf(ids, mask)
+            for _ in range(2):  # the second call replays the captured graph
+                out = routed(ids, mask)
+        m = mask[..., None]
+        assert_within_factor_of_torch(out.last_hidden_state.double() * m,
+                                      same.last_hidden_state.double() * m,
+                                      ref.last_hidden_state * m, f"hidden {batch}x{length}")
+        assert_within_factor_of_torch(out.pooler_output.double(), same.pooler_output.double(),
+                                      ref.pooler_output, f"pooled {batch}x{length}")
+    state = getattr(routed, FUSED_ATTR)
+    assert state.engine is not None and state.engine.engine.use_cuda_graph
+    assert len(state.engine.engine._graphs) == 3
+    with_grad = routed(ids, mask).last_hidden_state
+    assert with_grad.requires_grad and len(state.engine.engine._graphs) == 3
 
 
 def test_bert_graph_and_eager_agree_across_shapes():
