@@ -101,7 +101,7 @@ def main():
                 step = make_step(model, batch)
                 step()
                 step()
-                ms = time_ms(step, warmup_ms=100, rep_ms=1000)
+                ms = time_ms(step, warmup_ms=100, rep_ms=500)
                 mem = peak_memory_mb(step)
                 rows.append(dict(workload=name, shape=shape, variant=variant, ms=ms, peak_mb=mem, note=""))
             except Exception as exc:
@@ -112,9 +112,7 @@ def main():
                 gc.collect()
                 torch.cuda.empty_cache()
             print(f"{name} {shape} {variant}: {rows[-1]['ms']}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "models.json"), "w") as f:
-        json.dump(dict(environment=env, rows=rows), f, indent=1)
+            _write_json(args.out, env, rows)  # after every row: a run cut by its cap keeps them
     print(f"\n# models  device={env['device']} torch={env['torch']} commit={env['commit']} date={env['date']}")
     print(f"{'workload':28} {'shape':8} {'eager ms':>9} {'compile':>9} {'fused':>9} {'x eager':>8} {'x comp':>7} {'GB e/c/f':>16}")
     keyed = {}
@@ -131,6 +129,12 @@ def main():
         if r["note"]:
             print(f"  ! {r['workload']} {r['shape']} {r['variant']}: {r['note']}")
     plot(rows, os.path.join(args.out, "models.png"))
+
+
+def _write_json(out_dir, env, rows):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "models.json"), "w") as f:
+        json.dump(dict(environment=env, rows=rows), f, indent=1)
 
 
 def plot(rows, path):
