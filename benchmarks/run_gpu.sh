@@ -10,7 +10,8 @@
 # Each stage has a time cap (seconds) so one call fits the device's 10-minute limit:
 #   TESTS_TIMEOUT (default 240), OPS_TIMEOUT (180), MODELS_TIMEOUT (300).
 # STAGES picks what runs after the build (default "tests ops models inference"), so a session can
-# split the work over calls while the machine stays warm (the in-place build is kept).
+# split the work over calls while the machine stays warm (the in-place build is kept);
+# MODELS_ONLY (e.g. "bert-infer gpt2-train") picks workloads of bench_models.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -54,7 +55,8 @@ want ops && { timeout "${OPS_TIMEOUT:-180}" python3 benchmarks/bench_ops.py --ou
   || tail -20 "$OUT/bench-ops.log"; }
 for stage in models inference; do
   script=benchmarks/bench_$stage.py
-  want "$stage" && { timeout "${MODELS_TIMEOUT:-300}" python3 "$script" --out "$OUT" \
+  only=(); [ "$stage" = models ] && [ -n "${MODELS_ONLY:-}" ] && only=(--only $MODELS_ONLY)
+  want "$stage" && { timeout "${MODELS_TIMEOUT:-300}" python3 "$script" --out "$OUT" "${only[@]}" \
     > "$OUT/$(basename "$script" .py).log" 2>&1 || tail -20 "$OUT/$(basename "$script" .py).log"; }
 done
 
