@@ -21,13 +21,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..adapters import FUSED_ATTR, fused_subclass, is_accelerated
 from .options import GenerationOptions
+from .routing import EngineState
 
 logger = logging.getLogger("fastpatch")
 
@@ -42,12 +43,6 @@ _HANDLED = {"max_length", "max_new_tokens", "do_sample", "num_beams", "temperatu
             "_from_model_config"}
 # model kwargs the engine understands; any other goes to HF
 _MODEL_KWARGS = {"attention_mask"}
-
-
-@dataclasses.dataclass
-class _GenerateState:
-    engine: object = None
-    key: Tuple = ()
 
 
 @dataclasses.dataclass
@@ -90,7 +85,7 @@ def enable_generate(model: nn.Module) -> nn.Module:
         raise TypeError(f"enable_generate supports {', '.join(ENGINE_MODELS)}; got {type(model).__name__}")
     if not is_accelerated(model):
         model.__class__ = fused_subclass(EngineGenerate, type(model), keep_name=True)
-    setattr(model, FUSED_ATTR, _GenerateState())
+    setattr(model, FUSED_ATTR, EngineState())
     return model
 
 
@@ -172,12 +167,9 @@ def _plan(model, inputs, generation_config, kwargs) -> Union[_Plan, str]:
 def _engine(model):
     from .gpt import Gpt
 
-    state: _GenerateState = getattr(model, FUSED_ATTR)
+    # the engine holds views of the parameters: in-place updates reach it, moves do not
     key = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
-    if state.engine is None or state.key != key:
-        state.engine = Gpt.from_hf(model, max_batch_size=2 ** 31)
-        state.key = key
-    return state.engine
+    return getattr(model, FUSED_ATTR).current(key, lambda: Gpt.from_hf(model, max_batch_size=2 ** 31))
 
 
 def _run(model, plan: _Plan):

@@ -22,14 +22,14 @@ Its outputs are ordinary tensors, usable later under autograd.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..adapters import FUSED_ATTR, fused_subclass, is_accelerated
+from .routing import EngineState
 
 logger = logging.getLogger("fastpatch")
 
@@ -40,20 +40,6 @@ ENGINE_ENCODERS = ("BertModel",)
 ENGINE_DEVICE_TYPES = ("cuda",)
 _NEUTRAL_KWARGS = {"return_dict": (None, True, False), "output_attentions": (None, False),
                    "output_hidden_states": (None, False), "use_cache": (None, False)}
-
-
-@dataclasses.dataclass
-class _EncoderState:
-    engine: object = None
-    key: Tuple = ()
-
-    # a copy of the model (deepcopy, pickle) builds its own engine when first used: CUDA
-    # graphs cannot be copied, and the engine must read the copy's parameters anyway
-    def __deepcopy__(self, memo):
-        return type(self)()
-
-    def __reduce__(self):
-        return (type(self), ())
 
 
 class EngineEncoderForward:
@@ -88,7 +74,7 @@ def enable_encoder_forward(model: nn.Module) -> nn.Module:
     original = type(model)
     model.__class__ = fused_subclass(EngineEncoderForward, original, keep_name=True)
     _keep_output_recording(original, type(model))
-    setattr(model, FUSED_ATTR, _EncoderState())
+    setattr(model, FUSED_ATTR, EngineState())
     return model
 
 
@@ -144,12 +130,9 @@ def _why_not_engine(model, input_ids, attention_mask, token_type_ids, args, kwar
 def _engine(model):
     from .bert import Bert
 
-    state: _EncoderState = getattr(model, FUSED_ATTR)
+    # versions too: the q/k/v concatenation is a copy, which an in-place update would not reach
     key = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
-    if state.engine is None or state.key != key:
-        state.engine = Bert.from_hf(model, max_batch_size=2 ** 31)
-        state.key = key
-    return state.engine
+    return getattr(model, FUSED_ATTR).current(key, lambda: Bert.from_hf(model, max_batch_size=2 ** 31))
 
 
 def _run(model, input_ids: Tensor, attention_mask: Optional[Tensor],

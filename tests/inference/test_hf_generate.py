@@ -139,3 +139,16 @@ def test_forced_bos_and_eos_processors_run_in_the_engine(pair, caplog):
             got = routed.generate(ids[:, -1:], max_new_tokens=6, **kwargs)
         assert "runs the fastpatch engine" in caplog.text
         assert torch.equal(got, expected), kwargs
+
+
+def test_a_copy_of_a_routed_model_builds_its_own_engine():
+    from fastpatch.adapters import FUSED_ATTR
+
+    routed = fi.enable_generate(fastpatch.accelerate(gpt2()))
+    ids, mask = left_padded(routed.config.vocab_size)
+    first = routed.generate(ids, attention_mask=mask, max_new_tokens=5)
+    assert getattr(routed, FUSED_ATTR).engine is not None
+    twin = copy.deepcopy(routed)
+    assert getattr(twin, FUSED_ATTR).engine is None  # CUDA graphs are not copied
+    assert torch.equal(twin.generate(ids, attention_mask=mask, max_new_tokens=5), first)
+    assert getattr(twin, FUSED_ATTR).engine is not getattr(routed, FUSED_ATTR).engine
