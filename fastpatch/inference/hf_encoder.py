@@ -18,7 +18,10 @@ mask...) runs the fused layers eagerly, exactly as without the routing; each cal
 The engine reads the model's own parameters (views), except for one copy of each layer's
 concatenated q/k/v weights, and is rebuilt when any parameter moves or is modified in place
 (data pointer, dtype or version counter: an optimizer step, ``load_state_dict``, ``.half()``).
-Its outputs are ordinary tensors, usable later under autograd.
+Its outputs are ordinary tensors, usable later under autograd. Hidden states at padding
+positions are computed from token id 0 (the engine zeroes padding ids), so they equal the
+original's where the padding holds id 0, as BERT's tokenizers write it; no head reads them except
+BERT's pooler on a left-padded batch.
 """
 from __future__ import annotations
 
@@ -53,7 +56,10 @@ class EngineEncoderForward:
         if reason is not None:
             logger.debug("fastpatch: %s.forward runs the fused layers: %s", type(self).__name__, reason)
             return super().forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
-        out = _run(self, input_ids, attention_mask, token_type_ids, kwargs.get("return_dict"))
+        return_dict = kwargs.get("return_dict")
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        out = _run(self, input_ids, attention_mask, token_type_ids, return_dict)
         if isinstance(out, str):
             logger.debug("fastpatch: %s.forward runs the fused layers: %s", type(self).__name__, out)
             return super().forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
@@ -136,7 +142,7 @@ def _engine(model):
 
 
 def _run(model, input_ids: Tensor, attention_mask: Optional[Tensor],
-         token_type_ids: Optional[Tensor], return_dict: Optional[bool]) -> Union[tuple, object, str]:
+         token_type_ids: Optional[Tensor], return_dict: bool) -> Union[tuple, object, str]:
     """The model's output through the engine, or why the inputs need the eager path (a
     string: a row without tokens, an id outside the vocabulary...)."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
@@ -155,7 +161,7 @@ def _run(model, input_ids: Tensor, attention_mask: Optional[Tensor],
         return f"inputs the engine does not take ({exc})"
     types = torch.zeros_like(batch.ids) if batch.types is None else batch.types
     hidden, pooled = bert.engine.run(batch.ids, types, batch.mask if batch.padded else None)
-    if return_dict is False:
+    if not return_dict:
         return (hidden,) if pooled is None else (hidden, pooled)
     return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden,
                                                         pooler_output=pooled)

@@ -67,7 +67,10 @@ def test_inference_forward_runs_the_engine_and_matches_the_original(side, caplog
     with torch.inference_mode():
         _assert_same(routed(ids, mask), original(ids, mask), mask)
         plain = routed(ids, mask, return_dict=False)
+        routed.config.return_dict = False
+        from_config = routed(ids, mask)
     assert isinstance(plain, tuple) and len(plain) == 2
+    assert isinstance(from_config, tuple) and torch.equal(from_config[0], plain[0])
 
 
 def test_heads_route_their_bert_body(caplog):
