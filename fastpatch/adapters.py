@@ -54,10 +54,49 @@ def fused_subclass(mixin: type, original: type, keep_name: bool = False) -> type
 
     ``keep_name`` keeps the original class name, for a model's root class: transformers writes
     ``type(model).__name__`` into the saved config's ``architectures``.
+
+    Instances pickle (``torch.save(model)``, ``copy.deepcopy``) as "this mixin over this
+    original class" plus their state, so a loading process with fastpatch installed rebuilds the
+    same accelerated module; the generated class itself is not importable by name.
     """
     name = original.__name__ if keep_name else f"Fused{original.__name__}"
-    return type(name, (mixin, original), {"__module__": mixin.__module__,
-                                            "_fastpatch_original_class": original})
+    cls = type(name, (mixin, original), {"__module__": mixin.__module__,
+                                         "_fastpatch_original_class": original,
+                                         "_fastpatch_mixin": mixin,
+                                         "_fastpatch_keep_name": keep_name,
+                                         "__reduce_ex__": _reduce_accelerated})
+    _share_output_recording(original, cls)
+    return cls
+
+
+def _reduce_accelerated(module: nn.Module, protocol):
+    cls = type(module)
+    mixin = cls._fastpatch_mixin
+    # a mixin generated per original class says how to generate it again
+    mixin_ref = getattr(mixin, "_fastpatch_rebuild", mixin)
+    return (_new_accelerated, (mixin_ref, cls._fastpatch_original_class, cls._fastpatch_keep_name),
+            module.__getstate__())
+
+
+def _new_accelerated(mixin_ref, original: type, keep_name: bool) -> nn.Module:
+    mixin = mixin_ref[0](*mixin_ref[1]) if isinstance(mixin_ref, tuple) else mixin_ref
+    cls = fused_subclass(mixin, original, keep_name)
+    return cls.__new__(cls)
+
+
+def _share_output_recording(original: type, cls: type) -> None:
+    """transformers 5 looks up what a model may record (``output_hidden_states``...) in a
+    registry keyed by the model's class name, filled when the model is built: a swapped root
+    class gets the original's entry, or it would return no hidden states."""
+    import sys
+
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    registry = getattr(capturing, "_CAN_RECORD_REGISTRY", None)
+    if not isinstance(registry, dict):
+        return
+    flags = dict.get(registry, str(original))
+    if flags is not None:
+        dict.__setitem__(registry, str(cls), flags)
 
 
 def is_accelerated(module: nn.Module) -> bool:

@@ -77,24 +77,9 @@ def enable_encoder_forward(model: nn.Module) -> nn.Module:
     if type(model).__name__ not in ENGINE_ENCODERS or is_accelerated(model):
         raise TypeError(f"enable_encoder_forward supports {', '.join(ENGINE_ENCODERS)}; "
                         f"got {type(model).__name__}")
-    original = type(model)
-    model.__class__ = fused_subclass(EngineEncoderForward, original, keep_name=True)
-    _keep_output_recording(original, type(model))
+    model.__class__ = fused_subclass(EngineEncoderForward, type(model), keep_name=True)
     setattr(model, FUSED_ATTR, EngineState())
     return model
-
-
-def _keep_output_recording(original: type, routed: type) -> None:
-    """transformers 5 finds what a model may record (``output_hidden_states``...) in a registry
-    keyed by the model's class name, filled when the model was built: the routed class gets the
-    original's entry, or the fallback path would return no hidden states."""
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # other transformers versions keep it on the class
-        return
-    flags = dict.get(_CAN_RECORD_REGISTRY, str(original))
-    if flags is not None:
-        dict.__setitem__(_CAN_RECORD_REGISTRY, str(routed), flags)
 
 
 def _why_not_engine(model, input_ids, attention_mask, token_type_ids, args, kwargs) -> Optional[str]:

@@ -144,7 +144,8 @@ class FusedLossHead:
 def _inline_mixin(original: type) -> type:
     head = INLINE_LOSS_HEADS[original.__name__]
     return type(f"FusedLoss{original.__name__}", (FusedLossHead,),
-                {"forward": _inline_forward(original, head), "__module__": __name__})
+                {"forward": _inline_forward(original, head), "__module__": __name__,
+                 "_fastpatch_rebuild": (_inline_mixin, (original,))})
 
 
 # ------------------------------------------------------------------------ enable/disable

@@ -283,3 +283,20 @@ def test_bart_with_beamable_encoder_attention():
         for a, b in zip(hyps_a, hyps_b):
             assert torch.equal(a["tokens"], b["tokens"])
             assert abs(float(a["score"]) - float(b["score"])) < 1e-5
+
+
+def test_torch_save_and_deepcopy_keep_the_model_accelerated():
+    import io
+
+    d = dictionary()
+    model = fastpatch.accelerate(transformer(d).eval())
+    src, lengths, prev, _ = padded_pair(d)
+    with torch.no_grad():
+        want = model(src, lengths, prev)[0]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert fastpatch.report(twin).replaced == fastpatch.report(model).replaced
+        with torch.no_grad():
+            assert_close_relative(twin(src, lengths, prev)[0], want, 1e-6, "logits")
