@@ -119,14 +119,14 @@ def _route_generate(root: nn.Module, report: AccelerationReport) -> None:
 def _route_encoder_forward(root: nn.Module, report: AccelerationReport) -> None:
     """Replay the encoder engine's CUDA graphs for inference forwards of BERT encoders whose
     every layer was replaced (see :mod:`fastpatch.inference.hf_encoder`)."""
-    from .inference.hf_encoder import ENGINE_ENCODERS, enable_encoder_forward
+    from .inference.hf_encoder import ENGINE_ENCODERS, enable_encoder_forward, routable
 
     routed = []
     for path, module in root.named_modules():
         if type(module).__name__ not in ENGINE_ENCODERS or is_accelerated(module):
             continue
         layers = getattr(getattr(module, "encoder", None), "layer", None)
-        if not layers or not all(is_accelerated(layer) for layer in layers):
+        if not layers or not all(is_accelerated(layer) for layer in layers) or not routable(module):
             continue
         enable_encoder_forward(module)
         routed.append(path or type(module).__name__)

@@ -82,6 +82,27 @@ def enable_encoder_forward(model: nn.Module) -> nn.Module:
     return model
 
 
+def routable(model: nn.Module) -> bool:
+    """Whether the engine would compute exactly what ``model`` (a ``BertModel`` whose layers
+    were all accelerated) computes: it reads the embedding tables, LayerNorm and pooler weights
+    directly, so each must be the plain module (not, e.g., an adapter-wrapped embedding whose
+    ``weight`` is only part of its output), with absolute positions and no decoder role."""
+    config = model.config
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return False
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return False
+    emb = model.embeddings
+    plain = [(getattr(emb, n, None), nn.Embedding)
+             for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    plain.append((getattr(emb, "LayerNorm", None), nn.LayerNorm))
+    pooler = getattr(model, "pooler", None)
+    if pooler is not None:
+        plain.append((getattr(pooler, "dense", None), nn.Linear))
+    # subclasses are fine as long as they compute what the base class does
+    return all(isinstance(m, base) and type(m).forward is base.forward for m, base in plain)
+
+
 def _why_not_engine(model, input_ids, attention_mask, token_type_ids, args, kwargs) -> Optional[str]:
     """None when the engine serves this call, else the reason it does not."""
     if model.training:

@@ -105,6 +105,10 @@ class FusedTransformerEmbeddings:
 def _embedding_knob(name: str, table) -> Optional[str]:
     if not isinstance(table, nn.Embedding):
         return f"{name} is {type(table).__name__}, not nn.Embedding"
+    if type(table).forward is not nn.Embedding.forward:
+        # the fused kernel reads .weight; an overridden forward (an adapter, a scaled or
+        # quantised table) computes something else from it
+        return f"{name} is {type(table).__name__}, whose forward overrides nn.Embedding's"
     if table.max_norm is not None:
         return f"{name}.max_norm={table.max_norm} (renormalises rows in place)"
     if table.scale_grad_by_freq:
@@ -136,7 +140,8 @@ class TransformerEmbeddingsAdapter(LayerAdapter):
         if module.token_type_embeddings.padding_idx is not None:
             return "token_type_embeddings.padding_idx is set (the fused kernel has none for types)"
         norm = getattr(module, "LayerNorm", None)
-        if not isinstance(norm, nn.LayerNorm) or norm.weight is None:
+        if not isinstance(norm, nn.LayerNorm) or norm.weight is None \
+                or type(norm).forward is not nn.LayerNorm.forward:
             return "LayerNorm is not an affine nn.LayerNorm"
         if tuple(norm.normalized_shape) != (module.word_embeddings.embedding_dim,):
             return f"LayerNorm.normalized_shape={tuple(norm.normalized_shape)} is not the hidden size"

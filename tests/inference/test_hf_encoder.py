@@ -158,3 +158,22 @@ def test_enable_encoder_forward_rejects_other_models():
         hf_encoder.enable_encoder_forward(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="nn.Module"):
         hf_encoder.enable_encoder_forward("bert")
+
+
+def test_models_whose_weights_the_engine_cannot_read_are_not_routed():
+    class ScaledEmbedding(torch.nn.Embedding):  # e.g. an adapter-wrapped table
+        def forward(self, ids):
+            return super().forward(ids) * 2
+
+    model = bert()
+    wrapped = ScaledEmbedding(*model.embeddings.word_embeddings.weight.shape)
+    wrapped.load_state_dict(model.embeddings.word_embeddings.state_dict())
+    model.embeddings.word_embeddings = wrapped
+    routed = fastpatch.accelerate(copy.deepcopy(model).eval())
+    assert not isinstance(routed, hf_encoder.EngineEncoderForward)
+    report = fastpatch.report(routed)
+    assert not any("encoder engine" in n for n in report.notes)
+    assert "overrides nn.Embedding" in report.skipped["embeddings"]
+    ids, mask, _ = _batch(model.config.vocab_size, "right")
+    with torch.no_grad():
+        _assert_same(routed(ids, mask), model.eval()(ids, mask), mask)
