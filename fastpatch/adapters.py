@@ -15,7 +15,7 @@ the fused ops. Because nothing is copied or renamed:
 from __future__ import annotations
 
 import functools
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 from torch import nn
 
@@ -97,6 +97,23 @@ def _share_output_recording(original: type, cls: type) -> None:
     flags = dict.get(registry, str(original))
     if flags is not None:
         dict.__setitem__(registry, str(cls), flags)
+
+
+def bypassed_submodule(module: nn.Module, expected: Dict[str, type]) -> Optional[str]:
+    """Why a fused forward that reads the weights of ``module``'s submodules directly would be
+    wrong, or None.
+
+    ``expected`` maps dotted submodule names to the class whose computation the fused op
+    reproduces (``nn.Linear``, ``nn.LayerNorm``, transformers' ``Conv1D``). A submodule of
+    another class (a LoRA or quantised wrapper) or a subclass that overrides ``forward`` computes
+    something the fused op would silently drop.
+    """
+    for name, base in expected.items():
+        sub = module.get_submodule(name)
+        if not isinstance(sub, base) or type(sub).forward is not base.forward:
+            return (f"{name} is {type(sub).__name__}, not a plain {base.__name__} (adapter-wrapped "
+                    "or quantised: the fused layer would bypass its forward)")
+    return None
 
 
 def is_accelerated(module: nn.Module) -> bool:

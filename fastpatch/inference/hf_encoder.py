@@ -31,7 +31,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..adapters import FUSED_ATTR, fused_subclass, is_accelerated
+from ..adapters import FUSED_ATTR, bypassed_submodule, fused_subclass, is_accelerated
 from .routing import EngineState
 
 logger = logging.getLogger("fastpatch")
@@ -92,15 +92,15 @@ def routable(model: nn.Module) -> bool:
         return False
     if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
         return False
-    emb = model.embeddings
-    plain = [(getattr(emb, n, None), nn.Embedding)
-             for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
-    plain.append((getattr(emb, "LayerNorm", None), nn.LayerNorm))
-    pooler = getattr(model, "pooler", None)
-    if pooler is not None:
-        plain.append((getattr(pooler, "dense", None), nn.Linear))
-    # subclasses are fine as long as they compute what the base class does
-    return all(isinstance(m, base) and type(m).forward is base.forward for m, base in plain)
+    read = {f"embeddings.{n}": nn.Embedding
+            for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
+    read["embeddings.LayerNorm"] = nn.LayerNorm
+    if getattr(model, "pooler", None) is not None:
+        read["pooler.dense"] = nn.Linear
+    try:
+        return bypassed_submodule(model, read) is None
+    except AttributeError:  # a submodule is missing: not the BertModel layout
+        return False
 
 
 def _why_not_engine(model, input_ids, attention_mask, token_type_ids, args, kwargs) -> Optional[str]:

@@ -11,13 +11,18 @@ from typing import Optional
 
 from torch import nn
 
-from fastpatch.adapters import FUSED_ATTR, LayerAdapter
+from fastpatch.adapters import FUSED_ATTR, LayerAdapter, bypassed_submodule
 from fastpatch.layers.functional import (ConcatCache, LayerNormWeights, Projection, feed_forward,
                                          post_norm_residual, self_attention)
 from fastpatch.ops.activations import canonical_activation
 
 from .masks import split_hf_mask
 
+# every submodule whose weights the fused layer reads, with the class it reproduces
+_PLAIN_SUBMODULES = {**{f"attention.self.{n}": nn.Linear for n in ("query", "key", "value")},
+                     "attention.output.dense": nn.Linear, "attention.output.LayerNorm": nn.LayerNorm,
+                     "intermediate.dense": nn.Linear, "output.dense": nn.Linear,
+                     "output.LayerNorm": nn.LayerNorm}
 BERT_SHAPED_LAYERS = ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer",
                       "ElectraLayer", "Data2VecTextLayer")
 
@@ -85,9 +90,7 @@ class BertLayerAdapter(LayerAdapter):
         act = config.hidden_act
         if canonical_activation(act) is None:
             return f"hidden_act={act!r} has no exact fused kernel"
-        if not isinstance(module.attention.self.query, nn.Linear):
-            return "attention projections are not nn.Linear (quantised or adapter-wrapped)"
-        return None
+        return bypassed_submodule(module, _PLAIN_SUBMODULES)
 
     def prepare(self, module: nn.Module) -> BertLayerPlan:
         sa = module.attention.self

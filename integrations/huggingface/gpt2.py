@@ -11,7 +11,7 @@ from typing import Optional
 
 from torch import nn
 
-from fastpatch.adapters import FUSED_ATTR, LayerAdapter
+from fastpatch.adapters import FUSED_ATTR, LayerAdapter, bypassed_submodule
 from fastpatch.layers.functional import (LayerNormWeights, Projection, feed_forward, layer_norm,
                                          pre_norm_residual, self_attention)
 from fastpatch.ops.activations import canonical_activation
@@ -79,7 +79,11 @@ class GPT2BlockAdapter(LayerAdapter):
             return "reorder_and_upcast_attn with eager attention (fp32 attention scores)"
         if getattr(config, "add_cross_attention", False):
             return "add_cross_attention (GPT-2 as a decoder over an encoder) is not supported"
-        return None
+        from transformers.pytorch_utils import Conv1D
+
+        return bypassed_submodule(module, {"attn.c_attn": Conv1D, "attn.c_proj": Conv1D,
+                                           "mlp.c_fc": Conv1D, "mlp.c_proj": Conv1D,
+                                           "ln_1": nn.LayerNorm, "ln_2": nn.LayerNorm})
 
     def prepare(self, module: nn.Module) -> GPT2BlockPlan:
         attn = module.attn

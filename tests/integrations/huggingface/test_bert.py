@@ -220,3 +220,31 @@ def test_inference_reuses_the_qkv_concatenation_until_weights_change():
         expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
     assert not torch.allclose(first, changed)
     assert_close_relative(changed, expected, 1e-5)
+
+
+class _LoraLikeLinear(torch.nn.Linear):
+    """A subclass whose forward adds a low-rank update, as adapter libraries do."""
+
+    def __init__(self, base):
+        super().__init__(base.in_features, base.out_features)
+        self.load_state_dict(base.state_dict())
+        self.delta = torch.nn.Linear(base.in_features, base.out_features, bias=False)
+
+    def forward(self, x):
+        return super().forward(x) + self.delta(x)
+
+
+@pytest.mark.parametrize("name", ["attention.self.value", "output.dense"])
+def test_adapter_wrapped_projections_are_reported_not_bypassed(name):
+    original = transformers.BertModel(bert_config()).eval()
+    parent, _, child = name.rpartition(".")
+    layer = original.encoder.layer[1]
+    setattr(layer.get_submodule(parent), child, _LoraLikeLinear(layer.get_submodule(name)))
+    accelerated = fastpatch.accelerate(copy.deepcopy(original))
+    report = fastpatch.report(accelerated)
+    assert f"{name} is _LoraLikeLinear" in report.skipped["encoder.layer.1"]
+    assert "encoder.layer.0" in report.replaced
+    ids, mask = padded_batch(97, batch=3, length=9, side="right")
+    with torch.no_grad():
+        assert_close_relative(accelerated(ids, mask).last_hidden_state,
+                              original(ids, mask).last_hidden_state, 1e-5, "hidden")

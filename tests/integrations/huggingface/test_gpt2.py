@@ -1,4 +1,6 @@
 """accelerate() on GPT-2: training parity, padded batches and generate() through the Cache API."""
+import copy
+
 import pytest
 import torch
 
@@ -85,3 +87,23 @@ def test_generate_routed_to_engine_and_checkpoint_stays_vanilla(tmp_path, caplog
     fastpatch.revert(model)
     assert type(model) is transformers.GPT2LMHeadModel
     assert type(model.transformer.h[0]) is transformers.models.gpt2.modeling_gpt2.GPT2Block
+
+
+def test_adapter_wrapped_conv1d_is_reported_not_bypassed():
+    from transformers.pytorch_utils import Conv1D
+
+    class LoraLikeConv1D(Conv1D):
+        def forward(self, x):
+            return super().forward(x) * 1.5
+
+    original = gpt2()
+    block = original.transformer.h[0]
+    wrapped = LoraLikeConv1D(*reversed(block.attn.c_attn.weight.shape))
+    wrapped.load_state_dict(block.attn.c_attn.state_dict())
+    block.attn.c_attn = wrapped
+    accelerated = fastpatch.accelerate(copy.deepcopy(original))
+    report = fastpatch.report(accelerated)
+    assert "attn.c_attn is LoraLikeConv1D" in report.skipped["transformer.h.0"]
+    ids = torch.randint(0, original.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(accelerated(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
