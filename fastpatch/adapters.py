@@ -111,8 +111,9 @@ def bypassed_submodule(module: nn.Module, expected: Dict[str, type]) -> Optional
     for name, base in expected.items():
         sub = module.get_submodule(name)
         if not isinstance(sub, base) or type(sub).forward is not base.forward:
-            return (f"{name} is {type(sub).__name__}, not a plain {base.__name__} (adapter-wrapped "
-                    "or quantised: the fused layer would bypass its forward)")
+            found = f"{type(sub).__module__}.{type(sub).__qualname__}"
+            return (f"{name} is {found}, not a plain {base.__module__}.{base.__qualname__} "
+                    "(adapter-wrapped or quantised: the fused layer would bypass its forward)")
     return None
 
 

@@ -103,7 +103,8 @@ def test_adapter_wrapped_conv1d_is_reported_not_bypassed():
     block.attn.c_attn = wrapped
     accelerated = fastpatch.accelerate(copy.deepcopy(original))
     report = fastpatch.report(accelerated)
-    assert "attn.c_attn is LoraLikeConv1D" in report.skipped["transformer.h.0"]
+    assert "attn.c_attn is test_gpt2." in report.skipped["transformer.h.0"]
+    assert "LoraLikeConv1D, not a plain transformers.pytorch_utils.Conv1D" in report.skipped["transformer.h.0"]
     ids = torch.randint(0, original.config.vocab_size, (2, 7))
     with torch.no_grad():
         assert torch.allclose(accelerated(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
