@@ -74,8 +74,10 @@ def _reduce_accelerated(module: nn.Module, protocol):
     mixin = cls._fastpatch_mixin
     # a mixin generated per original class says how to generate it again
     mixin_ref = getattr(mixin, "_fastpatch_rebuild", mixin)
+    # object.__getstate__ exists from Python 3.11 on; before, an instance's state is its __dict__
+    state = module.__getstate__() if hasattr(module, "__getstate__") else module.__dict__
     return (_new_accelerated, (mixin_ref, cls._fastpatch_original_class, cls._fastpatch_keep_name),
-            module.__getstate__())
+            state)
 
 
 def _new_accelerated(mixin_ref, original: type, keep_name: bool) -> nn.Module:
