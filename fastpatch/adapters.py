@@ -55,7 +55,7 @@ def fused_subclass(mixin: type, original: type, keep_name: bool = False) -> type
     ``keep_name`` keeps the original class name, for a model's root class: transformers writes
     ``type(model).__name__`` into the saved config's ``architectures``.
 
-    Instances pickle (``torch.save(model)``, ``copy.deepcopy``) as "this mixin over this
+    Instances pickle (``copy.deepcopy``, multiprocessing) as "this mixin over this
     original class" plus their state, so a loading process with fastpatch installed rebuilds the
     same accelerated module; the generated class itself is not importable by name.
     """

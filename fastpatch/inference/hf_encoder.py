@@ -37,10 +37,10 @@ from .routing import EngineState
 logger = logging.getLogger("fastpatch")
 
 ENGINE_ENCODERS = ("BertModel",)
-# arguments that may be passed as long as they hold their "not asked for" value
 #: where the engine serves calls: on CUDA its graphs remove the host cost; on the CPU it would
 #: only add a copy (the tests add "cpu" to check the routing and outputs there)
 ENGINE_DEVICE_TYPES = ("cuda",)
+# arguments that may be passed as long as they hold their "not asked for" value
 _NEUTRAL_KWARGS = {"return_dict": (None, True, False), "output_attentions": (None, False),
                    "output_hidden_states": (None, False), "use_cache": (None, False)}
 
@@ -84,14 +84,10 @@ def enable_encoder_forward(model: nn.Module) -> nn.Module:
 
 def routable(model: nn.Module) -> bool:
     """Whether the engine would compute exactly what ``model`` (a ``BertModel`` whose layers
-    were all accelerated) computes: it reads the embedding tables, LayerNorm and pooler weights
-    directly, so each must be the plain module (not, e.g., an adapter-wrapped embedding whose
-    ``weight`` is only part of its output), with absolute positions and no decoder role."""
-    config = model.config
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-        return False
-    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
-        return False
+    were all accelerated, which already rules out decoder use and relative positions) computes:
+    it reads the embedding tables, LayerNorm and pooler weights directly, so each must be the
+    plain module (not, e.g., an adapter-wrapped embedding whose ``weight`` is only part of its
+    output)."""
     read = {f"embeddings.{n}": nn.Embedding
             for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
     read["embeddings.LayerNorm"] = nn.LayerNorm

@@ -285,18 +285,15 @@ def test_bart_with_beamable_encoder_attention():
             assert abs(float(a["score"]) - float(b["score"])) < 1e-5
 
 
-def test_torch_save_and_deepcopy_keep_the_model_accelerated():
-    import io
+def test_pickle_and_deepcopy_keep_the_model_accelerated():
+    import pickle
 
     d = dictionary()
     model = fastpatch.accelerate(transformer(d).eval())
     src, lengths, prev, _ = padded_pair(d)
     with torch.no_grad():
         want = model(src, lengths, prev)[0]
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+    for twin in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         assert fastpatch.report(twin).replaced == fastpatch.report(model).replaced
         with torch.no_grad():
             assert_close_relative(twin(src, lengths, prev)[0], want, 1e-6, "logits")

@@ -9,37 +9,11 @@ import torch
 pytest.importorskip("transformers")
 
 import fastpatch  # noqa: E402
-from helpers import padded_batch  # noqa: E402
-from test_bart import model as bart_model  # noqa: E402
-from test_bart import seq2seq_batch  # noqa: E402
-from test_bert import bert_config  # noqa: E402
-from test_gpt2 import gpt2  # noqa: E402
-
+from model_cases import CASES, IDS  # noqa: E402
 from numerics import assert_close_relative  # noqa: E402
 
 
-def _bert():
-    import transformers
-
-    model = transformers.BertForMaskedLM(bert_config())
-    ids, mask = padded_batch(model.config.vocab_size, batch=3, length=13, side="right")
-    return model, dict(input_ids=ids, attention_mask=mask)
-
-
-def _gpt2():
-    model = gpt2()
-    ids, mask = padded_batch(model.config.vocab_size, batch=3, length=13, side="left")
-    return model, dict(input_ids=ids, attention_mask=mask)
-
-
-def _bart():
-    model = bart_model("BartForConditionalGeneration")
-    ids, mask, dec, dec_mask = seq2seq_batch("right", batch=3, src_len=13, tgt_len=9)
-    return model, dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
-                       decoder_attention_mask=dec_mask)
-
-
-@pytest.mark.parametrize("build", [_bert, _gpt2, _bart], ids=["bert", "gpt2", "bart"])
+@pytest.mark.parametrize("build", CASES, ids=IDS)
 def test_compiled_accelerated_model_matches_eager(build):
     torch.manual_seed(0)
     base, inputs = build()
@@ -63,7 +37,7 @@ def test_compiled_accelerated_model_matches_eager(build):
         assert_close_relative(got_grads[name], grad, 1e-4, f"grad of {name}")
 
 
-@pytest.mark.parametrize("build", [_bert, _gpt2, _bart], ids=["bert", "gpt2", "bart"])
+@pytest.mark.parametrize("build", CASES, ids=IDS)
 def test_compiled_accelerated_model_in_eval_under_no_grad(build):
     """Inference reuses concatenated q/k/v weights between calls; a compiled graph must not."""
     torch.manual_seed(0)
