@@ -1,4 +1,4 @@
-"""Post-LN transformer sub-blocks over exported tensors, shared by the encoder engines.
+"""Transformer encoder sub-blocks over exported tensors, shared by the encoder engines.
 
 Each is fastpatch's fused ops applied to weights the engine does not own: ``split_heads`` (bias
 add + head split in one kernel), ``attention`` (SDPA with a padding mask),
@@ -13,7 +13,8 @@ from typing import Dict, Optional, Tuple
 from torch import Tensor
 
 from .. import ops
-from ..layers.functional import LayerNormWeights, Projection, feed_forward, post_norm_residual
+from ..layers.functional import (LayerNormWeights, Projection, feed_forward, layer_norm, post_norm_residual,
+                                 pre_norm_residual)
 
 
 def linear(tensors: Dict[str, Tensor], prefix: str) -> Projection:
@@ -58,10 +59,19 @@ class EncoderLayer:
 
 
 def encoder_layer(x: Tensor, layer: EncoderLayer, num_heads: int, activation: str,
-                  padding: Optional[Tensor]) -> Tensor:
-    """``x [B, L, H]`` through one post-LN layer; ``padding`` ``[B, L]`` bool, True = padding."""
-    q, k, v = ops.split_heads(layer.qkv(x, with_bias=False), layer.qkv.bias(), num_heads, 3)
+                  padding: Optional[Tensor], *, normalize_before: bool = False) -> Tensor:
+    """``x [B, L, H]`` through one layer; ``padding`` ``[B, L]`` bool, True = padding.
+
+    Post-LN (BERT, BART): ``ln1``/``ln2`` normalise each sub-block's output. Pre-LN
+    (``normalize_before``, fairseq's ``--encoder-normalize-before``): they normalise its input.
+    """
+    h = layer_norm(x, layer.ln1) if normalize_before else x
+    q, k, v = ops.split_heads(layer.qkv(h, with_bias=False), layer.qkv.bias(), num_heads, 3)
     context = ops.merge_heads(ops.attention(q, k, v, key_padding_mask=padding))
-    x = post_norm_residual(layer.out(context, with_bias=False), layer.out.bias(), x, layer.ln1, 0.0, False)
+    out = layer.out(context, with_bias=False)
+    if normalize_before:
+        x, h = pre_norm_residual(out, layer.out.bias(), x, layer.ln2, 0.0, False)
+        return x + (feed_forward(h, layer.fc1, layer.fc2, activation) + layer.fc2.bias())
+    x = post_norm_residual(out, layer.out.bias(), x, layer.ln1, 0.0, False)
     y = feed_forward(x, layer.fc1, layer.fc2, activation)
     return post_norm_residual(y, layer.fc2.bias(), x, layer.ln2, 0.0, False)

@@ -53,6 +53,7 @@ class KVArena:
         view.copy_(self.data[:, :, :rows, :, :slots].repeat_interleave(times, dim=2))
 
     def reorder_rows(self, index: Tensor, slots: int) -> None:
-        """Row ``i`` becomes old row ``index[i]`` for the first ``slots`` slots (beam search)."""
-        view = self.data[:, :, : index.shape[0], :, :slots]
-        view.copy_(view.index_select(2, index))
+        """Row ``i`` becomes old row ``index[i]`` for the first ``slots`` slots (beam search);
+        ``index`` may be shorter or longer than the rows in use (a batch that shrinks or grows)."""
+        view = self.data[:, :, :, :, :slots]
+        view[:, :, : index.shape[0]].copy_(view.index_select(2, index))

@@ -23,11 +23,13 @@ StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
 class StepGraph:
     """A step function captured with its static inputs for ``rows`` rows."""
 
-    def __init__(self, step: StepFunction, rows: int, device: torch.device, version: Tuple[int, ...]):
+    def __init__(self, step: StepFunction, rows: int, device: torch.device, version: Tuple[int, ...],
+                 warmup_slot: int = 0):
         self.version = version
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)
         self.start = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.slot = torch.zeros(1, dtype=torch.int64, device=device)
+        # the capture's warm-up runs write this cache slot of every row
+        self.slot = torch.full((1,), warmup_slot, dtype=torch.int64, device=device)
         self.call = CapturedCall(lambda: step(self.tokens, self.start, self.slot), device)
 
 
@@ -39,14 +41,16 @@ class StepGraphs:
         self.arenas = arenas
         self._graphs: Dict[Tuple, StepGraph] = {}
 
-    def get(self, key: Tuple, rows: int, step: StepFunction) -> StepGraph:
+    def get(self, key: Tuple, rows: int, step: StepFunction, *, warmup_slot: int = 0) -> StepGraph:
+        """The graph of ``key``, captured now (warm-up runs writing cache slot ``warmup_slot``)
+        if there is none for the arenas' current addresses."""
         version = tuple(a.version for a in self.arenas)
         graph = self._graphs.get(key)
         if graph is not None and graph.version != version:
             self._graphs.clear()
             graph = None
         if graph is None:
-            graph = self._graphs[key] = StepGraph(step, rows, self.arenas[0].device, version)
+            graph = self._graphs[key] = StepGraph(step, rows, self.arenas[0].device, version, warmup_slot)
         return graph
 
     def __len__(self) -> int:

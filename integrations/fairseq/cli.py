@@ -8,6 +8,10 @@ every flag the user gave, plus:
 * every model fairseq builds accelerated with ``fastpatch.accelerate`` (plain
   ``--arch transformer_*`` too, and models loaded from checkpoints for generation), the report
   in the log;
+* for generation, fairseq's ``SequenceGenerator`` (its beam search, sampling, prefixes, shrinking
+  batch) over fastpatch's decoding engine where the model allows (static KV cache, CUDA-graph
+  decode steps; see :mod:`.engine`; ``FASTPATCH_FAIRSEQ_ENGINE=0`` keeps fairseq's decoder loop
+  over the fused layers);
 * fairseq's checkpoints loadable under torch >= 2.6 (its pickled types allow-listed; safe loading
   stays on);
 * ``--bf16`` on GPUs: fairseq 0.12 sets ``--tpu`` whenever ``--bf16`` is given (bf16 was a TPU
@@ -69,7 +73,7 @@ def bf16_without_implied_tpu(argv: Sequence[str]):
         options.parse_args_and_arch = original
 
 
-def _run(fairseq_module: str, prog: str, argv: Optional[Sequence[str]]) -> None:
+def _run(fairseq_module: str, prog: str, argv: Optional[Sequence[str]], *, engine: bool = False) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = importlib.import_module(fairseq_module)
     from .registry import register
@@ -81,7 +85,8 @@ def _run(fairseq_module: str, prog: str, argv: Optional[Sequence[str]]) -> None:
                        "fastpatch.integrations.fairseq.registry.register() from your user dir", prog)
     else:
         argv = ["--user-dir", USER_DIR] + argv
-    with hooks.accelerate_built_models(), bf16_without_implied_tpu(argv), \
+    generators = hooks.generators_on_engine() if engine else contextlib.nullcontext()
+    with hooks.accelerate_built_models(), generators, bf16_without_implied_tpu(argv), \
             command_line([prog] + argv):
         command.cli_main()
 
@@ -99,13 +104,13 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def generate(argv: Optional[Sequence[str]] = None) -> None:
-    """``fairseq-generate`` with the fused decoder."""
-    _run("fairseq_cli.generate", "lightseq-generate", argv)
+    """``fairseq-generate`` with the fused model, decoding on the engine where it can."""
+    _run("fairseq_cli.generate", "lightseq-generate", argv, engine=True)
 
 
 def interactive(argv: Optional[Sequence[str]] = None) -> None:
-    """``fairseq-interactive`` with the fused decoder."""
-    _run("fairseq_cli.interactive", "lightseq-interactive", argv)
+    """``fairseq-interactive`` with the fused model, decoding on the engine where it can."""
+    _run("fairseq_cli.interactive", "lightseq-interactive", argv, engine=True)
 
 
 _COMMANDS = {"train": train, "generate": generate, "interactive": interactive}
