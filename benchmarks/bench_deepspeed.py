@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -64,17 +65,20 @@ def launch(gpus, training_args, log_path):
     """lightseq-deepspeed through DeepSpeed's launcher; returns the output of all ranks."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     command = LAUNCH + ["--num_gpus", str(gpus)] + [str(a) for a in training_args]
+    start = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    seconds = time.monotonic() - start
     output = result.stdout + result.stderr
     with open(log_path, "w") as f:
-        f.write(" ".join(command) + "\n\n" + output)
+        f.write(" ".join(command) + "\n\n" + output + f"\n(exit {result.returncode}, {seconds:.1f} s)\n")
+    print(f"  [{os.path.basename(log_path)}: {seconds:.1f} s]", flush=True)
     if result.returncode != 0:
         tail = "\n".join(output.splitlines()[-15:])
         raise RuntimeError(f"lightseq-deepspeed failed (exit {result.returncode}):\n{tail}")
     return output
 
 
-def bench(args, data, work, log_dir, config, gpus, variants):
+def bench(args, data, work, log_dir, config, gpus, variants, save=lambda rows: None):
     rows = []
     for label, ls_arch, ls_rest in variants:
         tag = f"ds-{gpus}gpu-" + label.replace(" ", "_").replace(",", "").replace("/", "-")
@@ -86,6 +90,7 @@ def bench(args, data, work, log_dir, config, gpus, variants):
         except RuntimeError as exc:
             row = dict(variant=label, gpus=gpus, wps=None, note=str(exc)[-600:])
         rows.append(row)
+        save(rows)  # after every launch: a run cut by a time cap keeps the rows it finished
         print(f"deepspeed x{gpus} {label}: {row.get('wps')} words/s", flush=True)
     return rows
 
@@ -120,27 +125,38 @@ def main():
 
     ensure_fastpatch_installed()
     work = args.work or tempfile.mkdtemp(prefix="bench-deepspeed-")
-    log_dir = os.path.join(args.out, "deepspeed-logs")
+    log_dir = args.log_dir or os.path.join(args.out, "deepspeed-logs")
     os.makedirs(log_dir, exist_ok=True)
     env = environment() if torch.cuda.is_available() else dict(device="cpu", torch=torch.__version__)
     env["date"] = datetime.date.today().isoformat()
     results = dict(environment=env, config=dict(arch=args.arch, zero=args.zero,
                                                 precision=args.precision,
                                                 max_tokens=args.max_tokens, updates=args.updates))
+    json_path = os.path.join(args.out, "deepspeed.json")
+
+    def save(rows, done=()):
+        with open(json_path, "w") as f:
+            json.dump(dict(results, rows=list(done) + rows), f, indent=1)
+
+    start = time.monotonic()
     data = preprocess(synthetic_corpus(os.path.join(work, "text"), args.pairs, args.vocab),
                       os.path.join(work, "data-bin"))
+    results["data_seconds"] = round(time.monotonic() - start, 1)
+    print(f"== data: {results['data_seconds']} s", flush=True)
     config = ds_config(work, args.zero, args.precision)
-    results["rows"] = bench(args, data, work, log_dir, config, 1, VARIANTS)
+    results["rows"] = bench(args, data, work, log_dir, config, 1, VARIANTS, save)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus >= 2:
-        results["rows"] += bench(args, data, work, log_dir, config, 2, VARIANTS[:2])
+        done = results["rows"]
+        results["rows"] = done + bench(args, data, work, log_dir, config, 2, VARIANTS[:2],
+                                       lambda rows: save(rows, done))
         results["two_gpus"] = "run"
     else:
         results["two_gpus"] = f"not run: {gpus} GPU(s) on this machine, 2 needed"
-    with open(os.path.join(args.out, "deepspeed.json"), "w") as f:
+    with open(json_path, "w") as f:
         json.dump(results, f, indent=1)
     report(results)
-    print(f"\n(logs of every launch in {log_dir}; JSON in {os.path.join(args.out, 'deepspeed.json')})")
+    print(f"\n(logs of every launch in {log_dir}; JSON in {json_path})")
 
 
 if __name__ == "__main__":

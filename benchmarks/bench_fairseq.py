@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -69,10 +70,14 @@ def ensure_fastpatch_installed():
 def run(name, args, log_dir, tag):
     """Runs a command to completion; returns its output (stdout + stderr). Raises on failure."""
     command = COMMANDS[name] + [str(a) for a in args]
+    start = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.monotonic() - start
     output = result.stdout + result.stderr
     with open(os.path.join(log_dir, f"{tag}.log"), "w") as f:
-        f.write(" ".join(command) + "\n\n" + output)
+        f.write(" ".join(command) + "\n\n" + output + f"\n(exit {result.returncode}, {seconds:.1f} s)\n")
+    # process start-up (imports, CUDA, checkpoint loading) is most of a short command's time
+    print(f"  [{tag}: {seconds:.1f} s]", flush=True)
     if result.returncode != 0:
         tail = "\n".join(output.splitlines()[-15:])
         raise RuntimeError(f"{name} failed (exit {result.returncode}):\n{tail}")
@@ -80,9 +85,10 @@ def run(name, args, log_dir, tag):
 
 
 # ------------------------------------------------------------------------------------- data
-def synthetic_corpus(directory, pairs, vocab, seed=0):
+def synthetic_corpus(directory, pairs, vocab, seed=0, valid=64, test=1024):
     """WMT-shaped token streams: Zipf-distributed ids of a joined vocabulary, 5-80 tokens; the
-    target is a fixed relabelling of the source with local reordering (a learnable mapping)."""
+    target is a fixed relabelling of the source with local reordering (a learnable mapping).
+    ``valid`` and ``test`` are the generation sets (batch 1 and batch 128)."""
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(vocab)]
     weights = [1.0 / (rank + 10) for rank in range(vocab)]
@@ -93,7 +99,7 @@ def synthetic_corpus(directory, pairs, vocab, seed=0):
     relabel = list(range(vocab))
     rng.shuffle(relabel)
     os.makedirs(directory, exist_ok=True)
-    splits = {"train": pairs, "valid": 64, "test": 1024}
+    splits = {"train": pairs, "valid": valid, "test": test}
     for split, count in splits.items():
         with open(os.path.join(directory, f"{split}.src"), "w") as src, \
                 open(os.path.join(directory, f"{split}.tgt"), "w") as tgt:
@@ -230,16 +236,19 @@ def bench_bleu(args, work, log_dir):
                                ("lightseq-train", "lightseq-generate")):
         save_dir = os.path.join(work, "toy-" + trainer)
         flags = [plain.get(f, f) for f in train_args(data, save_dir, args.bleu_updates, args.cpu)]
-        run(trainer, flags + args.precision_flags, log_dir, "bleu-" + trainer)
         results_dir = os.path.join(save_dir, "translations")
-        run(generator, generate_args(data, os.path.join(save_dir, "checkpoint_last.pt"),
-                                     results_dir, args.cpu) + args.precision_flags,
-            log_dir, "bleu-" + generator)
-        with open(os.path.join(results_dir, "generate-test.txt")) as f:
-            bleu = _BLEU.search(f.read())
-        result[trainer] = float(bleu.group(1)) if bleu else None
+        try:  # one command failing still leaves the other's score
+            run(trainer, flags + args.precision_flags, log_dir, "bleu-" + trainer)
+            run(generator, generate_args(data, os.path.join(save_dir, "checkpoint_last.pt"),
+                                         results_dir, args.cpu) + args.precision_flags,
+                log_dir, "bleu-" + generator)
+            with open(os.path.join(results_dir, "generate-test.txt")) as f:
+                bleu = _BLEU.search(f.read())
+            result[trainer] = float(bleu.group(1)) if bleu else None
+        except RuntimeError as exc:
+            result[trainer], result[trainer + " note"] = None, str(exc)[-600:]
         print(f"bleu {trainer}: {result[trainer]}", flush=True)
-    if None not in result.values():
+    if None not in (result["fairseq-train"], result["lightseq-train"]):
         result["difference"] = result["lightseq-train"] - result["fairseq-train"]
     return result
 
@@ -272,6 +281,11 @@ def report(results):
     env = results["environment"]
     print(f"\n# fairseq  device={env.get('device')} torch={env.get('torch')} "
           f"commit={env.get('commit')} date={env.get('date')} {results['config']}")
+    print(f"seconds per part: {results['seconds']}")
+    failed = [p for p, r in results.items() if isinstance(r, dict) and "error" in r]
+    for part in failed:
+        print(f"{part}: FAILED {results[part]['error'][-300:]}")
+    results = {p: r for p, r in results.items() if p not in failed}
     if "train" in results:
         base = results["train"][0].get("wps")
         print(f"{'training':28} {'words/s':>10} {'vs fairseq':>10}")
@@ -314,6 +328,7 @@ def training_parser(description: str, default_precision: str) -> argparse.Argume
     parser.add_argument("--pairs", type=int, default=60000, help="synthetic training pairs")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--work", help="working directory (default: a temporary one)")
+    parser.add_argument("--log-dir", help="one log per command (default: a folder in --out)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (with --smoke)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes: checks that every part runs, timings mean nothing")
@@ -325,39 +340,66 @@ def main():
     parser.add_argument("--parts", nargs="+", default=["train", "generate", "bleu", "ddp"],
                         choices=["train", "generate", "bleu", "ddp"])
     parser.add_argument("--min-len", type=int, default=20, help="generation --min-len")
+    parser.add_argument("--valid-pairs", type=int, default=64,
+                        help="synthetic sentences generated at batch 1")
+    parser.add_argument("--test-pairs", type=int, default=1024,
+                        help="synthetic sentences generated at batch 128")
     parser.add_argument("--bleu-updates", type=int, default=1500)
     args = parser.parse_args()
     if args.smoke:
         args.arch, args.max_tokens, args.updates, args.log_interval = "transformer_tiny", 1024, 6, 2
         args.warmup_intervals, args.pairs, args.vocab, args.bleu_updates = 1, 600, 300, 4
-    args.precision_flags = [] if args.precision == "fp32" or args.cpu else [f"--{args.precision}"]
+    if args.cpu:
+        args.precision = "fp32"  # the JSON says what ran: fairseq's --cpu runs in fp32
+    args.precision_flags = [] if args.precision == "fp32" else [f"--{args.precision}"]
     if args.cpu:
         args.precision_flags.append("--cpu")
 
     ensure_fastpatch_installed()
     work = args.work or tempfile.mkdtemp(prefix="bench-fairseq-")
-    log_dir = os.path.join(args.out, "fairseq-logs")
+    log_dir = args.log_dir or os.path.join(args.out, "fairseq-logs")
     os.makedirs(log_dir, exist_ok=True)
     env = environment() if torch.cuda.is_available() else dict(device="cpu", torch=torch.__version__)
     env["date"] = datetime.date.today().isoformat()
-    results = dict(environment=env, config=dict(arch=args.arch, precision=args.precision,
-                                                max_tokens=args.max_tokens, updates=args.updates))
+    config = dict(arch=args.arch, precision=args.precision, max_tokens=args.max_tokens,
+                  updates=args.updates)
+    if "generate" in args.parts:
+        config.update(valid_pairs=args.valid_pairs, test_pairs=args.test_pairs)
+    if "bleu" in args.parts:
+        config.update(bleu_updates=args.bleu_updates)
+    results = dict(environment=env, config=config, seconds={})
+    json_path = os.path.join(args.out, "fairseq.json")
+
+    def timed(part, function, *part_args):
+        start = time.monotonic()
+        try:  # a part that fails (e.g. generate's model) leaves the later parts to run
+            results[part] = function(*part_args)
+        except RuntimeError as exc:
+            results[part] = dict(error=str(exc)[-1500:])
+        results["seconds"][part] = round(time.monotonic() - start, 1)
+        print(f"== {part}: {results['seconds'][part]} s", flush=True)
+        # after every part: a run cut by a time cap keeps the parts it finished
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+
     data = None
     if {"train", "generate", "ddp"} & set(args.parts):
-        data = preprocess(synthetic_corpus(os.path.join(work, "text"), args.pairs, args.vocab),
+        start = time.monotonic()
+        data = preprocess(synthetic_corpus(os.path.join(work, "text"), args.pairs, args.vocab,
+                                           valid=args.valid_pairs, test=args.test_pairs),
                           os.path.join(work, "data-bin"))
-    if "train" in args.parts:
-        results["train"] = bench_train(args, data, work, log_dir)
-    if "generate" in args.parts:
-        results["generate"] = bench_generate(args, data, work, log_dir)
-    if "bleu" in args.parts:
-        results["bleu"] = bench_bleu(args, work, log_dir)
-    if "ddp" in args.parts:
-        results["ddp"] = bench_ddp(args, data, work, log_dir)
-    with open(os.path.join(args.out, "fairseq.json"), "w") as f:
+        results["seconds"]["data"] = round(time.monotonic() - start, 1)
+        print(f"== data: {results['seconds']['data']} s", flush=True)
+    for part, function, part_args in (("train", bench_train, (args, data, work, log_dir)),
+                                      ("generate", bench_generate, (args, data, work, log_dir)),
+                                      ("bleu", bench_bleu, (args, work, log_dir)),
+                                      ("ddp", bench_ddp, (args, data, work, log_dir))):
+        if part in args.parts:
+            timed(part, function, *part_args)
+    with open(json_path, "w") as f:
         json.dump(results, f, indent=1)
     report(results)
-    print(f"\n(logs of every command in {log_dir}; JSON in {os.path.join(args.out, 'fairseq.json')})")
+    print(f"\n(logs of every command in {log_dir}; JSON in {json_path})")
 
 
 if __name__ == "__main__":

@@ -8,16 +8,22 @@
 #
 # Carry the wheel kit as .whl (see ../shared/device/README.md) for fairseq/DeepSpeed.
 # Each stage has a time cap (seconds) so one call fits the device's 10-minute limit:
-#   TESTS_TIMEOUT (default 240), OPS_TIMEOUT (180), MODELS_TIMEOUT (300).
-# STAGES picks what runs after the build (default "tests ops models inference"), so a session can
-# split the work over calls while the machine stays warm (the in-place build is kept);
-# MODELS_ONLY (e.g. "bert-infer gpt2-train") picks workloads of bench_models.py.
+#   TESTS_TIMEOUT (default 240), OPS_TIMEOUT (180), MODELS_TIMEOUT (300),
+#   FAIRSEQ_TIMEOUT (420), DEEPSPEED_TIMEOUT (300).
+# STAGES picks what runs after the build (default "tests ops models inference"; also "fairseq",
+# "deepspeed"), so a session can split the work over calls while the machine stays warm (the
+# in-place build is kept); MODELS_ONLY (e.g. "bert-infer gpt2-train") picks workloads of
+# bench_models.py, FAIRSEQ_PARTS (default "generate bleu") the parts of bench_fairseq.py, and
+# FAIRSEQ_ARGS / DEEPSPEED_ARGS add options (e.g. "--bleu-updates 600", "--updates 100").
+# The device returns at most 8 files of $OUT: the per-command logs of fairseq/DeepSpeed go into
+# one $OUT/logs.tar.gz (re-made after each of those stages, so a call cut short keeps the rest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[ -f .whl/kit.sh ] && . .whl/kit.sh
+# the documented command already sourced the kit: a second pip install would only cost time
+[[ ":${PYTHONPATH:-}:" == *:/tmp/site:* ]] || { [ -f .whl/kit.sh ] && . .whl/kit.sh; }
 start=$SECONDS
 
 echo "== build ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
@@ -59,9 +65,28 @@ for stage in models inference; do
   want "$stage" && { timeout "${MODELS_TIMEOUT:-300}" python3 "$script" --out "$OUT" "${only[@]}" \
     > "$OUT/$(basename "$script" .py).log" 2>&1 || tail -20 "$OUT/$(basename "$script" .py).log"; }
 done
+# one process per fairseq command (as users run them), dozens of logs: kept outside $OUT, tarred
+LOGS=$(mktemp -d)
+bench_fairseq=(--parts ${FAIRSEQ_PARTS:-generate bleu} ${FAIRSEQ_ARGS:-})
+bench_deepspeed=(${DEEPSPEED_ARGS:-})
+for stage in fairseq deepspeed; do
+  want "$stage" || continue
+  limit=FAIRSEQ_TIMEOUT default=420; [ "$stage" = deepspeed ] && limit=DEEPSPEED_TIMEOUT default=300
+  opts="bench_$stage[@]"
+  echo "   $stage ($(date +%T), cap ${!limit:-$default} s)"
+  timeout "${!limit:-$default}" python3 "benchmarks/bench_$stage.py" --out "$OUT" \
+    --log-dir "$LOGS/$stage-logs" "${!opts}" > "$OUT/bench_$stage.log" 2>&1 || tail -20 "$OUT/bench_$stage.log"
+  tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
+done
 
 echo "== summary ($((SECONDS - start)) s)"
 [ -f "$OUT/cuda-tests.log" ] && echo "cuda tests: $(tail -1 "$OUT/cuda-tests.log")"
 [ -f "$OUT/bench-ops.log" ] && sed -n '/^# /,$p' "$OUT/bench-ops.log"
 for log in "$OUT"/bench_models.log "$OUT"/bench_inference.log; do [ -f "$log" ] && sed -n '/^# /,$p' "$log"; done
+# fairseq/DeepSpeed: the table, or (cut by the time cap) the per-command lines printed so far
+for log in "$OUT"/bench_fairseq.log "$OUT"/bench_deepspeed.log; do
+  [ -f "$log" ] || continue
+  if grep -q '^# ' "$log"; then sed -n '/^# /,$p' "$log"
+  else echo "$(basename "$log"): no table (cut short?):"; grep -E '^(==|  \[|generate|bleu|train|ddp|deepspeed) ' "$log"; fi
+done
 exit $tests_rc

@@ -320,6 +320,7 @@ class DrivenSession:
         self._step = functools.partial(engine.decode, slots=slots, source_slots=source_slots)
         self._slot = torch.zeros(1, dtype=torch.int64, device=engine.device)
         self._start = torch.zeros(0, dtype=torch.int64, device=engine.device)  # decode ignores it
+        self._tokens = torch.zeros(0, dtype=torch.int64, device=engine.device)  # eager steps' input
 
     def reorder_target(self, index: Tensor) -> None:
         """Target row ``i`` becomes row ``index[i]`` (``[R']`` int64 on the device; ``R'`` may
@@ -349,17 +350,19 @@ class DrivenSession:
                              f"{self.source_rows} source rows")
         if self.written >= self.slots - 1:
             raise ValueError(f"more than {self.slots - 1} target tokens in a session begun for fewer")
-        engine = self.engine
+        engine, rows = self.engine, bucket(self.rows)
         if engine.use_cuda_graph:
-            rows = bucket(self.rows)
             graph = engine.graphs.get((rows, self.slots, self.source_slots), rows, self._step,
                                       warmup_slot=self.slots - 1)
             graph.tokens[: self.rows].copy_(tokens)
             graph.slot.fill_(self.written)
             logits = graph.call()
-        else:
+        else:  # the same shapes as the graphs, so both give the same numbers
+            if self._tokens.shape[0] < rows:
+                self._tokens = torch.zeros(rows, dtype=torch.int64, device=engine.device)
+            self._tokens[: self.rows].copy_(tokens)
             self._slot.fill_(self.written)
-            logits = self._step(tokens, self._start, self._slot)
+            logits = self._step(self._tokens[:rows], self._start, self._slot)
         self.written += 1
         return logits[: self.rows]
 

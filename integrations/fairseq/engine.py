@@ -8,7 +8,10 @@ the encoder runs once, each decoder layer's cross-attention keys/values are cach
 sentence, the self-attention cache is a static arena, and the single-token step is replayed
 from a CUDA graph (one per bucket of live rows) instead of ~30 kernel launches per layer issued
 from Python. Hypotheses are fairseq's by construction; only the arithmetic of the model differs
-(fused kernels), within the precision of the dtype.
+(fused kernels), within the precision of the dtype. The one field left empty is a hypothesis'
+``attention`` (the alignment layer's cross-attention weights, which nothing in fairseq's commands
+reads from this generator; ``--print-alignment`` builds ``SequenceGeneratorWithAlignment``,
+which keeps fairseq's decoder).
 
 Models it takes: a single fairseq ``TransformerModel`` (``transformer_*`` / ``ls_transformer_*``
 architectures) in eval mode whose layers ``fastpatch.accelerate`` fuses, post- or pre-LN, with

@@ -5,9 +5,10 @@ runs as ``fastpatch.ops.transformer_embedding`` on the module's own tables and L
 parameters (in-place class swap, as the layer adapters). Two position rules exist:
 
 * BERT, ELECTRA (``BertEmbeddings`` and its copies): ``position_ids`` default to the module's
-  ``position_ids`` buffer sliced at ``[past_key_values_length, past_key_values_length + L)``;
+  ``position_ids`` buffer sliced at ``[cache_length, cache_length + L)`` (``cache_length`` was
+  ``past_key_values_length`` in earlier 5.x releases);
 * RoBERTa, XLM-R, CamemBERT, Data2VecText (``RobertaEmbeddings`` and copies): fairseq's
-  padding-aware numbering, ``(cumsum(ids != pad) + past_key_values_length) * (ids != pad) + pad``.
+  padding-aware numbering, ``(cumsum(ids != pad) + cache_length) * (ids != pad) + pad``.
 
 Default ``token_type_ids`` are read from the module's ``token_type_ids`` buffer at the
 positions (zeros unless someone wrote into it), exactly as transformers does.
@@ -34,10 +35,11 @@ BERT_EMBEDDINGS = ("BertEmbeddings", "ElectraEmbeddings")
 ROBERTA_EMBEDDINGS = ("RobertaEmbeddings", "XLMRobertaEmbeddings", "CamembertEmbeddings",
                       "Data2VecTextEmbeddings")
 
-# The forward the fused one reproduces; another signature means another transformers release
-# whose semantics were not checked.
-_FORWARD_ARGS = ("self", "input_ids", "token_type_ids", "position_ids", "inputs_embeds",
-                 "past_key_values_length")
+# The forwards the fused one reproduces; another signature means another transformers release
+# whose semantics were not checked. Later 5.x releases renamed ``past_key_values_length`` to
+# ``cache_length`` (same meaning: the tokens already cached before these).
+_FORWARD_ARGS = tuple(("self", "input_ids", "token_type_ids", "position_ids", "inputs_embeds", offset)
+                      for offset in ("past_key_values_length", "cache_length"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,24 +66,25 @@ class FusedTransformerEmbeddings:
     """Fused forward of BERT/RoBERTa embeddings; the original forward remains the fallback."""
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                past_key_values_length=0):
+                cache_length=0, past_key_values_length=None):
+        if past_key_values_length is not None:  # the argument's name before cache_length
+            cache_length = past_key_values_length
         plan: EmbeddingPlan = getattr(self, FUSED_ATTR)
         word, position, token_type, norm = (self.word_embeddings, self.position_embeddings,
                                             self.token_type_embeddings, self.LayerNorm)
         tensors = (word.weight, position.weight, token_type.weight, norm.weight, norm.bias)
         if (input_ids is None or inputs_embeds is not None or input_ids.dim() != 2
                 or len({t.dtype for t in tensors if t is not None}) != 1):
-            return super().forward(input_ids, token_type_ids, position_ids, inputs_embeds,
-                                   past_key_values_length)
+            return super().forward(input_ids, token_type_ids, position_ids, inputs_embeds, cache_length)
         batch, length = input_ids.shape
         positions = position_ids
         if positions is None:
             if plan.padding_aware_positions:
                 positions = fairseq_positions(input_ids, self.padding_idx)
-                if past_key_values_length:
-                    positions = positions + past_key_values_length * input_ids.ne(self.padding_idx)
+                if cache_length:
+                    positions = positions + cache_length * input_ids.ne(self.padding_idx)
             else:
-                positions = self.position_ids[:, past_key_values_length:length + past_key_values_length]
+                positions = self.position_ids[:, cache_length:length + cache_length]
         types = token_type_ids
         if types is None and _fits(positions, batch, length):
             if hasattr(self, "token_type_ids"):
@@ -91,8 +94,7 @@ class FusedTransformerEmbeddings:
             else:
                 types = torch.zeros((batch, length), dtype=torch.long, device=input_ids.device)
         if types is None or not (_fits(positions, batch, length) and _fits(types, batch, length)):
-            return super().forward(input_ids, token_type_ids, position_ids, inputs_embeds,
-                                   past_key_values_length)
+            return super().forward(input_ids, token_type_ids, position_ids, inputs_embeds, cache_length)
         out = transformer_embedding(
             input_ids, word.weight, position_ids=positions, position_weight=position.weight,
             padding_idx=position.padding_idx, token_type_ids=types,
@@ -127,7 +129,7 @@ class TransformerEmbeddingsAdapter(LayerAdapter):
 
     def unsupported_reason(self, module: nn.Module, path: str) -> Optional[str]:
         args = tuple(inspect.signature(type(module).forward).parameters)
-        if args != _FORWARD_ARGS:
+        if args not in _FORWARD_ARGS:
             return (f"{type(module).__name__}.forward{args} is not the transformers 5 signature "
                     "fastpatch reproduces")
         kind = getattr(module, "position_embedding_type", "absolute")

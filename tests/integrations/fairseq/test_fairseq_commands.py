@@ -80,15 +80,23 @@ GENERATE = ["--gen-subset", "valid", "--beam", "4", "--max-len-a", "1.2", "--max
             "--cpu", "--max-tokens", "4000"]
 
 
-def test_plain_fairseq_generate_matches_lightseq_generate(data_bin, lightseq_checkpoint, tmp_path):
+@pytest.mark.parametrize("on_engine", [True, False], ids=["engine", "fused_layers"])
+def test_plain_fairseq_generate_matches_lightseq_generate(data_bin, lightseq_checkpoint, tmp_path,
+                                                          monkeypatch, caplog, on_engine):
     """A lightseq-train checkpoint loads in plain fairseq-generate (no --user-dir), and
-    lightseq-generate (fused decoder) produces the same hypotheses with beam 4."""
+    lightseq-generate produces the same hypotheses with beam 4: on the decoding engine (on the
+    CPU only when asked for; it is the default on CUDA) and over the fused layers alone."""
+    from fastpatch.integrations.fairseq.engine import ENV_FLAG
+
     plain = plain_fairseq_generate([data_bin, "--path", lightseq_checkpoint,
                                     "--results-path", str(tmp_path / "plain"), *GENERATE])
     assert plain.returncode == 0, plain.stderr[-3000:]
-    with quiet_stdout():
+    monkeypatch.setenv(ENV_FLAG, "1" if on_engine else "0")
+    with quiet_stdout(), caplog.at_level("INFO", logger="fastpatch.fairseq"):
         lightseq_generate([data_bin, "--path", lightseq_checkpoint,
                            "--results-path", str(tmp_path / "fused"), *GENERATE])
+    said = "runs on the decoding engine" if on_engine else f"fairseq's decoder: {ENV_FLAG}=0"
+    assert said in caplog.text
     expected, got = hypotheses(tmp_path / "plain", "valid"), hypotheses(tmp_path / "fused", "valid")
     assert len(expected) == len(corpus.generate()["valid"]) == len(got)
     assert len({text for text, _ in expected.values()}) > 20, "model too untrained to compare"
@@ -159,10 +167,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_lightseq_interactive_matches_fairseq_interactive(data_bin, lightseq_checkpoint, tmp_path,
-                                                          capsys):
+                                                          capsys, monkeypatch):
     from fairseq_cli import interactive
 
     from fastpatch.integrations.fairseq import cli
+    from fastpatch.integrations.fairseq.engine import ENV_FLAG
+
+    monkeypatch.setenv(ENV_FLAG, "1")  # the engine, as on CUDA
 
     sources = [src for src, _ in corpus.generate()["test"][:6]]
     (tmp_path / "input.txt").write_text("\n".join(sources) + "\n")
