@@ -120,3 +120,47 @@ def test_lightseq_generate_on_gpu_agrees_with_fairseq(data_bin, tmp_path, precis
     fused, plain = hypotheses(tmp_path / "fused", "valid"), hypotheses(tmp_path / "plain", "valid")
     same = sum(fused[i][0] == plain[i][0] for i in plain) / len(plain)
     assert same >= (0.95 if precision else 0.99), f"{same:.1%} identical hypotheses"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
+def test_engine_graphs_replay_the_eager_engine_and_hold_memory(dtype):
+    """SequenceGenerator over the engine on CUDA: graph replay gives the eager engine's numbers
+    (same shapes, same kernels) while the batch shrinks (graphs of smaller buckets are captured
+    mid-search), other batch shapes reuse the graphs, and memory stays flat over many calls."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from fastpatch.integrations.fairseq.engine import EngineEnsemble
+
+    d = dictionary(200)
+    model = transformer(d, **WIDE).cuda().to(dtype).eval()
+    with torch.no_grad():  # EOS likelier: sentences end at different steps
+        model.decoder.output_projection.weight[d.eos()] *= 2
+    generators = []
+    for use_cuda_graph in (True, False):
+        generator = SequenceGenerator([model], d, beam_size=4, max_len_b=24, min_len=2)
+        generator.model = EngineEnsemble(model, generator, use_cuda_graph=use_cuda_graph)
+        generators.append(generator)
+    graphed, eager = generators
+
+    def run(generator, seed):
+        src, lengths, _, _ = _cuda(padded_pair(d, batch=5 + seed % 4, src_len=9 + seed % 5, seed=seed))
+        return generator.generate([model], {"net_input": {"src_tokens": src, "src_lengths": lengths}})
+
+    lengths = set()
+    for seed in range(4):
+        a, b = run(graphed, seed), run(eager, seed)
+        lengths |= {len(h[0]["tokens"]) for h in a}
+        for sentence, (hyps_a, hyps_b) in enumerate(zip(a, b)):
+            for x, y in zip(hyps_a, hyps_b):
+                assert torch.equal(x["tokens"], y["tokens"]), f"seed {seed}, sentence {sentence}"
+                assert float(x["score"]) == float(y["score"])
+    assert len(lengths) > 1, "every best hypothesis has one length: the batch may never have shrunk"
+    assert graphed.model.engine().use_cuda_graph and len(graphed.model.engine().graphs) > 1
+    for seed in range(8):
+        run(graphed, seed)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for seed in range(200):
+        run(graphed, seed % 8)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before + (1 << 20)
