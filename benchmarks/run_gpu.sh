@@ -65,19 +65,15 @@ for stage in models inference; do
   want "$stage" && { timeout "${MODELS_TIMEOUT:-300}" python3 "$script" --out "$OUT" "${only[@]}" \
     > "$OUT/$(basename "$script" .py).log" 2>&1 || tail -20 "$OUT/$(basename "$script" .py).log"; }
 done
-# one process per fairseq command (as users run them), dozens of logs: kept outside $OUT, tarred
 LOGS=$(mktemp -d)
-bench_fairseq=(--parts ${FAIRSEQ_PARTS:-generate bleu} ${FAIRSEQ_ARGS:-})
-bench_deepspeed=(${DEEPSPEED_ARGS:-})
-for stage in fairseq deepspeed; do
-  want "$stage" || continue
-  limit=FAIRSEQ_TIMEOUT default=420; [ "$stage" = deepspeed ] && limit=DEEPSPEED_TIMEOUT default=300
-  opts="bench_$stage[@]"
-  echo "   $stage ($(date +%T), cap ${!limit:-$default} s)"
-  timeout "${!limit:-$default}" python3 "benchmarks/bench_$stage.py" --out "$OUT" \
-    --log-dir "$LOGS/$stage-logs" "${!opts}" > "$OUT/bench_$stage.log" 2>&1 || tail -20 "$OUT/bench_$stage.log"
+bench() {  # stage, time cap, options; one process per fairseq command: its logs are tarred
+  echo "   $1 ($(date +%T), cap $2 s)"
+  timeout "$2" python3 "benchmarks/bench_$1.py" --out "$OUT" --log-dir "$LOGS/$1-logs" "${@:3}" \
+    > "$OUT/bench_$1.log" 2>&1 || tail -20 "$OUT/bench_$1.log"
   tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
-done
+}
+want fairseq && bench fairseq "${FAIRSEQ_TIMEOUT:-420}" --parts ${FAIRSEQ_PARTS:-generate bleu} ${FAIRSEQ_ARGS:-}
+want deepspeed && bench deepspeed "${DEEPSPEED_TIMEOUT:-300}" ${DEEPSPEED_ARGS:-}
 
 echo "== summary ($((SECONDS - start)) s)"
 [ -f "$OUT/cuda-tests.log" ] && echo "cuda tests: $(tail -1 "$OUT/cuda-tests.log")"

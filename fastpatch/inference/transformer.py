@@ -372,7 +372,9 @@ class Transformer(GenerativeModel):
     ``fi.Transformer(path, max_batch_size=8).infer([[1, 2, 3], [4, 5, 6]])``.
 
     Args:
-        path: a directory written by ``fastpatch.export`` from a BART model.
+        path: a directory written by ``fastpatch.export`` from a BART or fairseq transformer
+            model. Searches follow Hugging Face's rules (``generate``'s beam search); for
+            fairseq's own search over the engine see ``fastpatch.integrations.fairseq.engine``.
         max_batch_size: most source sentences per call (more raise ``ValueError``).
         device, dtype, use_cuda_graph: as :class:`fastpatch.inference.Gpt`.
     """

@@ -206,3 +206,28 @@ def test_a_search_that_skips_a_step_is_refused():
     tokens = torch.full((4, 2), d.eos())
     with torch.no_grad(), pytest.raises(RuntimeError, match="prefix of 2 tokens after 0 steps"):
         ensemble.forward_decoder(tokens, encoded, [{}])
+
+
+@pytest.mark.parametrize("name", ["post_ln", "pre_ln_gelu", "separate_tables_embedding_ln"])
+def test_export_and_three_line_inference(name, tmp_path):
+    """fastpatch.export of a fairseq model, read back by fi.Transformer without fairseq's code:
+    greedy tokens identical to greedy decoding with fairseq's own (full-prefix) decoder, on a
+    left-padded batch; the export carries fairseq-generate's decoding defaults."""
+    import fastpatch.inference as fi
+
+    d = dictionary()
+    model = transformer(d, **MODELS[name]).eval()
+    src, lengths, _, _ = padded_pair(d, batch=4, src_len=9)
+    fastpatch.export(model, tmp_path)
+    engine = fi.Transformer(tmp_path, max_batch_size=4, device="cpu")
+    assert engine.generation.num_beams == 5 and engine.generation.eos_token_id == (d.eos(),)
+    got = engine.generate(src, src.ne(d.pad()), num_beams=1, max_new_tokens=8).tokens
+    with torch.no_grad():
+        encoded = model.encoder(src, src_lengths=lengths)
+        prefix = torch.full((4, 1), d.eos())
+        for _ in range(8):
+            logits = model.decoder(prefix, encoded)[0][:, -1]
+            prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], dim=1)
+    expected = prefix[:, 1:]
+    ended = expected.eq(d.eos()).cumsum(dim=1) - expected.eq(d.eos()).int() > 0
+    assert torch.equal(got, expected.masked_fill(ended, d.pad())[:, : got.shape[1]])
