@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .config import LayerConfig
-from .functional import promote
+from .functional import LayerNormWeights, layer_norm, promote
 
 
 def _cast(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
@@ -180,8 +180,7 @@ class FusedSublayers(nn.Module):
     # The residual ops promote their inputs to the widest dtype, as eager PyTorch would: under
     # autocast a half-precision GEMM output meets an fp32 residual stream and fp32 LayerNorm.
     def _input_norm(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        x, weight, bias = promote(x, weight, bias)
-        return ops.layer_norm(x, weight, bias, self.config.layer_norm_eps)
+        return layer_norm(x, LayerNormWeights(weight, bias, self.config.layer_norm_eps))
 
     def _post_ln(self, y: Tensor, bias: Optional[Tensor], residual: Tensor,
                  norm_weight: Tensor, norm_bias: Tensor) -> Tensor:

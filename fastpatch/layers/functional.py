@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
@@ -225,5 +226,10 @@ def pre_norm_residual(y: Tensor, bias: Optional[Tensor], residual: Tensor, norm:
 
 
 def layer_norm(x: Tensor, norm: LayerNormWeights) -> Tensor:
+    """A LayerNorm with nothing to fuse into it (pre-LN's first and final norms, embeddings).
+
+    PyTorch's own kernel: ``ops.layer_norm`` measured slower than it at BERT/GPT-2 shapes
+    (``benchmarks/RESULTS.md``), and there is no neighbouring op to save a pass over memory.
+    """
     x, weight, bias = promote(x, norm.weight, norm.bias)
-    return ops.layer_norm(x, weight, bias, eps=norm.eps)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, norm.eps)
