@@ -101,15 +101,16 @@ def accelerate(model: nn.Module, *, strict: bool = False, training: Optional[boo
 
 
 def _route_generate(root: nn.Module, report: AccelerationReport) -> None:
-    """Send ``generate()`` of a fully accelerated decoder-only model through the decoding engine.
+    """Send ``generate()`` of a fully accelerated GPT-2 or BART LM through the decoding engine.
 
     Calls the engine does not implement keep Hugging Face's loop; each call logs which ran.
     """
     if not report.replaced or report.skipped:
         return
-    if type(root).__name__ not in ("GPT2LMHeadModel",) or is_accelerated(root):
+    from .inference.hf import ENGINE_MODELS, enable_generate
+
+    if type(root).__name__ not in ENGINE_MODELS or is_accelerated(root):
         return
-    from .inference.hf import enable_generate
 
     enable_generate(root)
     report.notes.append("generate() runs the fastpatch decoding engine where the call allows "

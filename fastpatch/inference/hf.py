@@ -9,8 +9,10 @@
 call against what the engine implements (greedy, sampling with temperature / top-k / top-p,
 beam search with length penalty and early stopping, EOS and padding, ``num_return_sequences``,
 ``output_scores``, HF streamers at batch 1). Anything else (a logits processor, repetition
-penalty, constrained or assisted decoding, attentions, a non-left-padded mask...) runs Hugging
-Face's own loop. Each call logs, on the ``fastpatch`` logger, which path ran and why.
+penalty, constrained or assisted decoding, attentions, a GPT-2 mask that is not left-padded,
+``decoder_input_ids``...) runs Hugging Face's own loop. Each call logs, on the ``fastpatch``
+logger, which path ran and why. GPT-2 runs on :class:`~.gpt.Gpt`, BART on
+:class:`~.transformer.Transformer` (the encoder once, then graph-replayed decoder steps).
 
 It is opt-in rather than part of ``accelerate`` so that ``accelerate`` keeps its contract of
 touching layers only; the engine holds views of the model's parameters (no copy) and is
@@ -32,7 +34,7 @@ from .routing import EngineState
 
 logger = logging.getLogger("fastpatch")
 
-ENGINE_MODELS = ("GPT2LMHeadModel",)
+ENGINE_MODELS = ("GPT2LMHeadModel", "BartForConditionalGeneration")
 
 # GenerationConfig fields the engine honours (the rest must keep their neutral value).
 _HANDLED = {"max_length", "max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p",
@@ -76,7 +78,8 @@ class EngineGenerate:
 def enable_generate(model: nn.Module) -> nn.Module:
     """Make ``model.generate`` use the engine where it can (in place; ``fastpatch.revert`` undoes it).
 
-    Supported models: transformers ``GPT2LMHeadModel`` (vanilla or accelerated). Returns ``model``.
+    Supported models: transformers ``GPT2LMHeadModel`` and ``BartForConditionalGeneration``
+    (vanilla or accelerated). Returns ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -125,21 +128,32 @@ def _plan(model, inputs, generation_config, kwargs) -> Union[_Plan, str]:
         return "use_cache=False"
     if streamer is not None and (input_ids.shape[0] != 1 or (config.num_beams or 1) > 1):
         return "streamer with batch > 1 or beam search"
+    encoder_decoder = _is_encoder_decoder(model)
     mask = model_kwargs.get("attention_mask")
     if mask is not None:
         if mask.shape != input_ids.shape:
             return "attention_mask does not match input_ids"
-        if bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
+        # BART's positions ignore the mask (as the engine's do); GPT-2's continue a left-padded row
+        if not encoder_decoder and bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
             return "attention_mask is not left-padded (HF's loop keeps its semantics for it)"
-    length = input_ids.shape[1]
+    # the decoder's prompt: the prompt itself, or the start token of an encoder-decoder
+    length = 1 if encoder_decoder else input_ids.shape[1]
     max_new = config.max_new_tokens
     if max_new is None:
         max_new = (config.max_length if config.max_length is not None else neutral.get("max_length", 20)) - length
     if max_new < 1:
         return f"no token to generate (max_length {config.max_length} <= prompt length {length})"
-    positions = model.config.n_positions
-    if length + max_new > positions:
-        return f"prompt + max_new_tokens = {length + max_new} exceeds n_positions={positions}"
+    if encoder_decoder:
+        start = config.decoder_start_token_id
+        if start is not None and start != model.config.decoder_start_token_id:
+            return f"decoder_start_token_id={start} differs from the model config's"
+        positions = model.config.max_position_embeddings
+        if input_ids.shape[1] > positions or max_new > positions:
+            return f"source or max_new_tokens beyond max_position_embeddings={positions}"
+    else:
+        positions = model.config.n_positions
+        if length + max_new > positions:
+            return f"prompt + max_new_tokens = {length + max_new} exceeds n_positions={positions}"
     eos = config.eos_token_id
     eos = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
     pad = config.pad_token_id
@@ -164,29 +178,45 @@ def _plan(model, inputs, generation_config, kwargs) -> Union[_Plan, str]:
                  bool(config.return_dict_in_generate), streamer, hf_fill)
 
 
+def _is_encoder_decoder(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
 def _engine(model):
     from .gpt import Gpt
+    from .transformer import Transformer
 
-    # the engine holds views of the parameters: in-place updates reach it, moves do not
-    key = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
-    return getattr(model, FUSED_ATTR).current(key, lambda: Gpt.from_hf(model, max_batch_size=2 ** 31))
+    if _is_encoder_decoder(model):
+        # BART's engine concatenates q/k/v (copies): in-place updates must rebuild it too
+        key = tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in model.parameters())
+        build = lambda: Transformer.from_hf(model, max_batch_size=2 ** 31)  # noqa: E731
+    else:
+        # GPT-2's engine holds views of the parameters: in-place updates reach it, moves do not
+        key = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
+        build = lambda: Gpt.from_hf(model, max_batch_size=2 ** 31)  # noqa: E731
+    return getattr(model, FUSED_ATTR).current(key, build)
 
 
 def _run(model, plan: _Plan):
-    from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+    from transformers.generation.utils import (GenerateBeamDecoderOnlyOutput, GenerateBeamEncoderDecoderOutput,
+                                               GenerateDecoderOnlyOutput, GenerateEncoderDecoderOutput)
 
     engine = _engine(model)
     options, ids = plan.options, plan.input_ids
+    encoder_decoder = _is_encoder_decoder(model)
+    # what HF's sequences start with: the prompt, or an encoder-decoder's start token
+    prompt = (torch.full((ids.shape[0], 1), engine.spec.decoder_start_token_id, dtype=ids.dtype,
+                         device=ids.device) if encoder_decoder else ids)
     streamer = plan.streamer
     if streamer is not None:
-        streamer.put(ids.cpu())
+        streamer.put(prompt.cpu())
     out = engine.generate(ids, plan.attention_mask, output_scores=plan.output_scores,
                           streamer=None if streamer is None else (lambda t: streamer.put(t.cpu())),
                           **dataclasses.asdict(options))
     if streamer is not None:
         streamer.end()
     repeats = options.num_return_sequences
-    prompt = ids.repeat_interleave(repeats, dim=0) if repeats > 1 else ids
+    prompt = prompt.repeat_interleave(repeats, dim=0) if repeats > 1 else prompt
     tokens = out.tokens.to(ids.device)
     if out.beam_indices is not None:
         tokens = tokens.masked_fill(out.beam_indices.to(ids.device) < 0, plan.hf_fill)
@@ -195,7 +225,8 @@ def _run(model, plan: _Plan):
         return sequences
     scores = out.step_scores if plan.output_scores else None
     if out.beam_indices is not None:
-        return GenerateBeamDecoderOnlyOutput(
-            sequences=sequences, sequences_scores=out.scores if plan.output_scores else None,
-            scores=scores, beam_indices=out.beam_indices)
-    return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
+        output = GenerateBeamEncoderDecoderOutput if encoder_decoder else GenerateBeamDecoderOnlyOutput
+        return output(sequences=sequences, sequences_scores=out.scores if plan.output_scores else None,
+                      scores=scores, beam_indices=out.beam_indices)
+    output = GenerateEncoderDecoderOutput if encoder_decoder else GenerateDecoderOnlyOutput
+    return output(sequences=sequences, scores=scores)

@@ -32,7 +32,7 @@ from fastpatch.layers.functional import (ConcatCache, LayerNormWeights, Projecti
                                          post_norm_residual, pre_norm_residual, self_attention)
 from fastpatch.ops.activations import canonical_activation
 
-from .masks import split_hf_mask
+from .masks import cache_argument_problem, layer_cache, split_hf_mask
 
 POST_LN_FAMILIES = ("Bart", "PLBart", "Marian", "BlenderbotSmall")
 PRE_LN_FAMILIES = ("MBart", "Blenderbot", "Pegasus", "M2M100")
@@ -171,6 +171,7 @@ class FusedBartShapedDecoderLayer:
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, use_cache=True, **kwargs):
+        past_key_values = layer_cache(past_key_values, kwargs)
         attn, cross = self.self_attn, self.encoder_attn
         config = attn.config
         if not _fused_call(config, kwargs):
@@ -248,6 +249,9 @@ class _BartShapedLayerAdapter(LayerAdapter):
         attentions = [module.self_attn]
         if self.kind == "DecoderLayer":
             attentions.append(module.encoder_attn)
+            problem = cache_argument_problem(module)
+            if problem:
+                return problem
         linears = [getattr(a, n) for a in attentions
                    for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
         if any(type(m) is not nn.Linear for m in linears + [module.fc1, module.fc2]):

@@ -16,7 +16,7 @@ from fastpatch.layers.functional import (ConcatCache, LayerNormWeights, Projecti
                                          post_norm_residual, self_attention)
 from fastpatch.ops.activations import canonical_activation
 
-from .masks import split_hf_mask
+from .masks import cache_argument_problem, layer_cache, split_hf_mask
 
 # every submodule whose weights the fused layer reads, with the class it reproduces
 _PLAIN_SUBMODULES = {**{f"attention.self.{n}": nn.Linear for n in ("query", "key", "value")},
@@ -44,6 +44,7 @@ class FusedBertShapedLayer:
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, **kwargs):
+        past_key_values = layer_cache(past_key_values, kwargs)
         if kwargs.get("output_attentions"):
             # the probabilities exist only in the unfused path
             return super().forward(hidden_states, attention_mask, encoder_hidden_states,
@@ -77,6 +78,9 @@ class BertLayerAdapter(LayerAdapter):
         return type(module).__name__ in BERT_SHAPED_LAYERS
 
     def unsupported_reason(self, module: nn.Module, path: str) -> Optional[str]:
+        problem = cache_argument_problem(module)
+        if problem:
+            return problem
         config = getattr(module.attention.self, "config", None)
         if config is None:
             return "layer has no config (not a transformers 5 BERT-shaped layer)"

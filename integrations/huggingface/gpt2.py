@@ -16,7 +16,7 @@ from fastpatch.layers.functional import (LayerNormWeights, Projection, feed_forw
                                          pre_norm_residual, self_attention)
 from fastpatch.ops.activations import canonical_activation
 
-from .masks import split_hf_mask
+from .masks import cache_argument_problem, layer_cache, split_hf_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,7 @@ class FusedGPT2Block:
 
     def forward(self, hidden_states, past_key_values=None, attention_mask=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
+        past_key_values = layer_cache(past_key_values, kwargs)
         if encoder_hidden_states is not None or kwargs.get("output_attentions"):
             return super().forward(hidden_states, past_key_values, attention_mask,
                                    encoder_hidden_states, encoder_attention_mask, use_cache, **kwargs)
@@ -72,6 +73,9 @@ class GPT2BlockAdapter(LayerAdapter):
         return type(module).__name__ == "GPT2Block"
 
     def unsupported_reason(self, module: nn.Module, path: str) -> Optional[str]:
+        problem = cache_argument_problem(module)
+        if problem:
+            return problem
         config = module.attn.config
         if canonical_activation(config.activation_function) is None:
             return f"activation_function={config.activation_function!r} has no exact fused kernel"

@@ -9,7 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 import fastpatch  # noqa: E402
 import fastpatch.inference as fi  # noqa: E402
-from inference_models import PAD, bert, gpt2, left_padded, make_eos_likely, right_aligned  # noqa: E402
+from inference_models import (PAD, bart, bert, gpt2, left_padded, make_eos_likely, right_aligned,  # noqa: E402
+                              right_padded)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,8 @@ def test_engine_follows_the_model_to_another_dtype_and_revert_undoes_everything(
                        vanilla.generate(ids, attention_mask=mask, max_new_tokens=5))
     fastpatch.revert(routed)
     assert type(routed) is transformers.GPT2LMHeadModel
-    with pytest.raises(TypeError, match="enable_generate supports GPT2LMHeadModel; got BertModel"):
+    with pytest.raises(TypeError, match="enable_generate supports GPT2LMHeadModel, "
+                                        "BartForConditionalGeneration; got BertModel"):
         fi.enable_generate(bert())
 
 
@@ -152,3 +154,65 @@ def test_a_copy_of_a_routed_model_builds_its_own_engine():
     assert getattr(twin, FUSED_ATTR).engine is None  # CUDA graphs are not copied
     assert torch.equal(twin.generate(ids, attention_mask=mask, max_new_tokens=5), first)
     assert getattr(twin, FUSED_ATTR).engine is not getattr(routed, FUSED_ATTR).engine
+
+
+# ------------------------------------------------------------------------------------ BART
+@pytest.fixture(scope="module")
+def bart_pair():
+    # init_std 0.3: HF's loop over the fused layers must not flip near-ties either (the fallback
+    # cases compare it with the vanilla model); see test_transformer.py
+    vanilla = bart(eos_bias=4.0, init_std=0.3)
+    routed = fastpatch.accelerate(copy.deepcopy(vanilla))
+    assert any("decoding engine" in note for note in fastpatch.report(routed).notes)
+    return vanilla, routed
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(max_new_tokens=15),
+    dict(max_length=12),
+    dict(max_new_tokens=10, num_beams=4, num_return_sequences=2),
+    dict(max_new_tokens=10, num_beams=3, length_penalty=0.5, early_stopping=True,
+         output_scores=True, return_dict_in_generate=True),
+    dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True),
+])
+def test_bart_generate_runs_the_engine_with_hf_outputs(bart_pair, caplog, kwargs):
+    """accelerate(BartForConditionalGeneration): generate() on the encoder-decoder engine, with
+    HF's outputs (sequences from the start token, output classes, scores) on padded sources."""
+    vanilla, routed = bart_pair
+    src, mask = right_padded(97, batch=3, length=9, seed=4)
+    expected = vanilla.generate(src, attention_mask=mask, **kwargs)
+    with caplog.at_level(logging.INFO, logger="fastpatch"):
+        got = routed.generate(src, attention_mask=mask, **kwargs)
+    assert "runs the fastpatch engine" in caplog.text
+    assert type(got) is type(expected)
+    _same(expected, got)
+
+
+def test_bart_sampling_and_what_falls_back(bart_pair, caplog):
+    vanilla, routed = bart_pair
+    src, mask = right_padded(97, batch=2, length=7, seed=5)
+    kwargs = dict(max_new_tokens=9, do_sample=True, top_k=20, temperature=0.8)
+    torch.manual_seed(3)
+    expected = vanilla.generate(src, attention_mask=mask, **kwargs)
+    torch.manual_seed(3)
+    _same(expected, routed.generate(src, attention_mask=mask, **kwargs))
+    for extra, reason in ((dict(no_repeat_ngram_size=2), "no_repeat_ngram_size=2"),
+                          (dict(decoder_input_ids=torch.full((2, 2), 2)), "decoder_input_ids")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fastpatch"):
+            got = routed.generate(src, attention_mask=mask, max_new_tokens=6, **extra)
+        assert "runs Hugging Face's loop" in caplog.text and reason in caplog.text
+        _same(vanilla.generate(src, attention_mask=mask, max_new_tokens=6, **extra), got)
+
+
+def test_bart_engine_follows_in_place_weight_updates():
+    """BART's engine holds concatenated q/k/v (copies): an optimizer step must rebuild it."""
+    vanilla = bart(eos_bias=6.0, seed=2)
+    routed = fastpatch.accelerate(copy.deepcopy(vanilla))
+    src, mask = right_padded(97, batch=2, length=6, seed=6)
+    routed.generate(src, attention_mask=mask, max_new_tokens=5)
+    with torch.no_grad():
+        for model in (vanilla, routed):
+            model.model.decoder.layers[0].self_attn.v_proj.weight.mul_(-2.0)
+    _same(vanilla.generate(src, attention_mask=mask, max_new_tokens=8),
+          routed.generate(src, attention_mask=mask, max_new_tokens=8))
