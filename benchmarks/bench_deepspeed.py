@@ -2,14 +2,16 @@
 modules vs the same launch with fairseq's plain ``transformer`` arch, same data, config and run.
 
     python benchmarks/bench_deepspeed.py [--out benchmarks/results] [--zero 2] [--precision bf16]
+        [--updates 150] [--variants plain ls ls-arch]
 
 Rows (every one through DeepSpeed's launcher, ZeRO stage and precision from one generated config):
 
-* ``transformer``: ``--arch transformer_wmt_en_de --optimizer adam --criterion
+* ``transformer`` (``plain``): ``--arch transformer_wmt_en_de --optimizer adam --criterion
   label_smoothed_cross_entropy --no-fastpatch``: fairseq's own modules inside the DeepSpeed engine;
-* ``ls_transformer``: the ``ls_*`` twins (fused layers, ``ls_adam``, fused label-smoothed CE);
-* ``ls_transformer, fairseq adam/criterion``: only the architecture changed, to separate the
-  layers' share from the optimizer's and the loss's.
+* ``ls_transformer`` (``ls``): the ``ls_*`` twins (fused layers, ``ls_adam``, fused
+  label-smoothed CE);
+* ``ls_transformer, fairseq adam/criterion`` (``ls-arch``): only the architecture changed, to
+  separate the layers' share from the optimizer's and the loss's.
 
 Training data and flags are those of ``bench_fairseq.py``'s train part (synthetic WMT-shaped
 corpus, joined 32k vocabulary, ``--share-all-embeddings --max-tokens 8192``); words/s is the median
@@ -36,9 +38,9 @@ from bench_fairseq import (ensure_fastpatch_installed, parse_train, preprocess, 
 from harness import environment  # noqa: E402
 
 LAUNCH = [sys.executable, "-m", "fastpatch.integrations.deepspeed.cli"]
-# (label, ls_* arch, ls_adam + ls criterion)
-VARIANTS = [("transformer", False, False), ("ls_transformer", True, True),
-            ("ls_transformer, fairseq adam/criterion", True, False)]
+# --variants key: (label, ls_* arch, ls_adam + ls criterion)
+VARIANTS = {"plain": ("transformer", False, False), "ls": ("ls_transformer", True, True),
+            "ls-arch": ("ls_transformer, fairseq adam/criterion", True, False)}
 
 
 def ds_config(directory, zero, precision):
@@ -70,7 +72,8 @@ def launch(gpus, training_args, log_path):
     seconds = time.monotonic() - start
     output = result.stdout + result.stderr
     with open(log_path, "w") as f:
-        f.write(" ".join(command) + "\n\n" + output + f"\n(exit {result.returncode}, {seconds:.1f} s)\n")
+        f.write(" ".join(command) + "\n\n" + output
+                + f"\n(exit {result.returncode}, {seconds:.1f} s)\n")
     print(f"  [{os.path.basename(log_path)}: {seconds:.1f} s]", flush=True)
     if result.returncode != 0:
         tail = "\n".join(output.splitlines()[-15:])
@@ -115,6 +118,8 @@ def report(results):
 def main():
     parser = training_parser(__doc__.split("\n\n")[0], default_precision="bf16")
     parser.add_argument("--zero", type=int, default=2, choices=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="rows to run (the first is the baseline of the ratios)")
     args = parser.parse_args()
     if args.smoke:
         args.arch, args.max_tokens, args.updates, args.log_interval = "transformer_tiny", 1024, 6, 2
@@ -131,7 +136,8 @@ def main():
     env["date"] = datetime.date.today().isoformat()
     results = dict(environment=env, config=dict(arch=args.arch, zero=args.zero,
                                                 precision=args.precision,
-                                                max_tokens=args.max_tokens, updates=args.updates))
+                                                max_tokens=args.max_tokens, updates=args.updates,
+                                                variants=args.variants))
     json_path = os.path.join(args.out, "deepspeed.json")
 
     def save(rows, done=()):
@@ -144,11 +150,12 @@ def main():
     results["data_seconds"] = round(time.monotonic() - start, 1)
     print(f"== data: {results['data_seconds']} s", flush=True)
     config = ds_config(work, args.zero, args.precision)
-    results["rows"] = bench(args, data, work, log_dir, config, 1, VARIANTS, save)
+    variants = [VARIANTS[key] for key in args.variants]
+    results["rows"] = bench(args, data, work, log_dir, config, 1, variants, save)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus >= 2:
         done = results["rows"]
-        results["rows"] = done + bench(args, data, work, log_dir, config, 2, VARIANTS[:2],
+        results["rows"] = done + bench(args, data, work, log_dir, config, 2, variants[:2],
                                        lambda rows: save(rows, done))
         results["two_gpus"] = "run"
     else:

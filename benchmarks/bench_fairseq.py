@@ -3,6 +3,7 @@
 and a two-GPU (DDP) run.
 
     python benchmarks/bench_fairseq.py [--out benchmarks/results] [--parts train generate bleu ddp]
+        [--updates 150] [--valid-pairs 64] [--test-pairs 1024] [--bleu-updates 1500]
 
 * train: a synthetic WMT-shaped corpus (joined 32k vocabulary, Zipf-distributed tokens, 5-80
   tokens per sentence), fairseq's WMT en-de recipe flags (``--arch transformer_wmt_en_de
@@ -11,9 +12,10 @@ and a two-GPU (DDP) run.
   arch, optimizer and criterion. words/s is the median of fairseq's own ``wps`` over the logged
   intervals after the first (warm-up) ones.
 * generate: a checkpoint of that model, beam 4, ``--min-len 20 --max-len-b 30`` so that
-  hypotheses have realistic length; ``--batch-size 1`` and ``128``; sentences/s as fairseq-generate
-  reports it (generation time only).
-* bleu: the bundled toy corpus trained by both commands with the same flags, BLEU on its test set.
+  hypotheses have realistic length; ``--batch-size 1`` (``--valid-pairs`` sentences) and ``128``
+  (``--test-pairs``); sentences/s as fairseq-generate reports it (generation time only).
+* bleu: the bundled toy corpus trained by both commands with the same flags (``--bleu-updates``;
+  about 9 updates per epoch, each epoch validated and saved), BLEU on its test set.
 * ddp: ``--distributed-world-size 2`` when two GPUs are there; otherwise the JSON says not run.
 
 Each fairseq command runs in its own process (as a user runs it); plain fairseq-generate gets
@@ -75,7 +77,8 @@ def run(name, args, log_dir, tag):
     seconds = time.monotonic() - start
     output = result.stdout + result.stderr
     with open(os.path.join(log_dir, f"{tag}.log"), "w") as f:
-        f.write(" ".join(command) + "\n\n" + output + f"\n(exit {result.returncode}, {seconds:.1f} s)\n")
+        f.write(" ".join(command) + "\n\n" + output
+                + f"\n(exit {result.returncode}, {seconds:.1f} s)\n")
     # process start-up (imports, CUDA, checkpoint loading) is most of a short command's time
     print(f"  [{tag}: {seconds:.1f} s]", flush=True)
     if result.returncode != 0:

@@ -72,7 +72,8 @@ bench() {  # stage, time cap, options; one process per fairseq command: its logs
     > "$OUT/bench_$1.log" 2>&1 || tail -20 "$OUT/bench_$1.log"
   tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
 }
-want fairseq && bench fairseq "${FAIRSEQ_TIMEOUT:-420}" --parts ${FAIRSEQ_PARTS:-generate bleu} ${FAIRSEQ_ARGS:-}
+want fairseq && bench fairseq "${FAIRSEQ_TIMEOUT:-420}" --parts ${FAIRSEQ_PARTS:-generate bleu} \
+  ${FAIRSEQ_ARGS:-}
 want deepspeed && bench deepspeed "${DEEPSPEED_TIMEOUT:-300}" ${DEEPSPEED_ARGS:-}
 
 echo "== summary ($((SECONDS - start)) s)"
@@ -83,6 +84,8 @@ for log in "$OUT"/bench_models.log "$OUT"/bench_inference.log; do [ -f "$log" ] 
 for log in "$OUT"/bench_fairseq.log "$OUT"/bench_deepspeed.log; do
   [ -f "$log" ] || continue
   if grep -q '^# ' "$log"; then sed -n '/^# /,$p' "$log"
-  else echo "$(basename "$log"): no table (cut short?):"; grep -E '^(==|  \[|generate|bleu|train|ddp|deepspeed) ' "$log"; fi
+  else echo "$(basename "$log"): no table (cut by its time cap?), per command:"
+    grep -E '^(== |  \[|generate |bleu |train |ddp |deepspeed )' "$log"; fi
 done
+[ -f "$OUT/logs.tar.gz" ] && echo "(one log per fairseq/DeepSpeed command: $OUT/logs.tar.gz)"
 exit $tests_rc
