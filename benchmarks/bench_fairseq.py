@@ -69,11 +69,13 @@ def ensure_fastpatch_installed():
                    env=dict(os.environ, FASTPATCH_BUILD_CUDA="0"))
 
 
-def run(name, args, log_dir, tag):
-    """Runs a command to completion; returns its output (stdout + stderr). Raises on failure."""
+def run(name, args, log_dir, tag, env=None):
+    """Runs a command to completion; returns its output (stdout + stderr). Raises on failure.
+    ``env``: variables set for this command on top of the current environment."""
     command = COMMANDS[name] + [str(a) for a in args]
     start = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                            env=None if env is None else dict(os.environ, **env))
     seconds = time.monotonic() - start
     output = result.stdout + result.stderr
     with open(os.path.join(log_dir, f"{tag}.log"), "w") as f:
@@ -201,22 +203,47 @@ def bench_generate(args, data, work, log_dir):
     run("fairseq-train", train_flags(data, args, save_dir, False, 1), log_dir, "gen-model")
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     rows = []
+    # lightseq-generate decodes on the engine on CUDA; FASTPATCH_FAIRSEQ_ENGINE=0 keeps fairseq's
+    # decoding loop over the fused layers (the share of the layers alone)
+    variants = [("fairseq-generate", "fairseq-generate", None),
+                ("lightseq-generate", "lightseq-generate", None),
+                ("lightseq-generate, layers only", "lightseq-generate",
+                 {"FASTPATCH_FAIRSEQ_ENGINE": "0"})]
     for batch, subset in ((1, "valid"), (128, "test")):
-        for command in ("fairseq-generate", "lightseq-generate"):
+        reference = None
+        for label, command, env in variants:
             flags = [data, "--path", checkpoint, "--gen-subset", subset, "--beam", "4",
                      "--batch-size", str(batch), "--required-batch-size-multiple", "1",
                      "--min-len", str(args.min_len), "--max-len-a", "0",
                      "--max-len-b", str(args.min_len + 10), "--num-workers", "2",
                      *args.precision_flags]
+            tag = f"gen-{label.replace(', ', '-').replace(' ', '_')}-b{batch}"
             try:
-                row = parse_generate(run(command, flags, log_dir, f"gen-{command}-b{batch}"))
-                row.update(variant=command, batch=batch, note="")
+                output = run(command, flags, log_dir, tag, env)
+                row = parse_generate(output)
+                row.update(variant=label, batch=batch, note="")
+                found = hypotheses(output)
+                if reference is None:
+                    reference = found
+                else:  # hypotheses identical to fairseq-generate's (fp16: near-ties may flip)
+                    row["same_as_fairseq"] = sum(found.get(i) == h for i, h in reference.items())
+                    row["sentences_compared"] = len(reference)
             except RuntimeError as exc:
-                row = dict(variant=command, batch=batch, sentences_per_s=None, note=str(exc)[-600:])
+                row = dict(variant=label, batch=batch, sentences_per_s=None, note=str(exc)[-600:])
             rows.append(row)
-            print(f"generate {command} batch {batch}: {row.get('sentences_per_s')} sentences/s",
+            print(f"generate {label} batch {batch}: {row.get('sentences_per_s')} sentences/s",
                   flush=True)
     return rows
+
+
+def hypotheses(output):
+    """sentence id -> best hypothesis (token string) from fairseq-generate's ``H-`` lines."""
+    found = {}
+    for line in output.splitlines():
+        if line.startswith("H-"):
+            index, _, text = line.split("\t", 2)
+            found.setdefault(int(index[2:]), text)
+    return found
 
 
 # ------------------------------------------------------------------------------------- bleu
@@ -296,7 +323,8 @@ def report(results):
             wps = r.get("wps")
             print(f"{r['variant']:28} {wps or 0:10.0f} {ratio(wps, base):>10}  {r.get('note', '')[:80]}")
     if "generate" in results:
-        print(f"{'generation (beam 4)':28} {'batch':>5} {'sent/s':>9} {'vs fairseq':>10}")
+        print(f"{'generation (beam 4)':31} {'batch':>5} {'sent/s':>9} {'vs fairseq':>10} "
+              f"{'same hyps':>10}")
         by_batch = {}
         for r in results["generate"]:
             by_batch.setdefault(r["batch"], {})[r["variant"]] = r
@@ -304,7 +332,9 @@ def report(results):
             base = rows.get("fairseq-generate", {}).get("sentences_per_s")
             for variant, r in rows.items():
                 s = r.get("sentences_per_s")
-                print(f"{variant:28} {batch:5d} {s or 0:9.2f} {ratio(s, base):>10}  "
+                same = (f"{r['same_as_fairseq']}/{r['sentences_compared']}"
+                        if "same_as_fairseq" in r else "-")
+                print(f"{variant:31} {batch:5d} {s or 0:9.2f} {ratio(s, base):>10} {same:>10}  "
                       f"{r.get('note', '')[:80]}")
     if "bleu" in results:
         print(f"BLEU (bundled corpus): {results['bleu']}")
