@@ -11,7 +11,8 @@ the beams of a sentence, so beam search reorders only the self-attention cache.
 Supported checkpoints: Hugging Face BART (``BartForConditionalGeneration``) through
 ``fastpatch.export``, and fairseq's ``TransformerModel`` (post- or pre-LN, sinusoidal or learned
 positions) through ``fastpatch.integrations.fairseq.engine``, which also drives the engine from
-fairseq's own ``SequenceGenerator``. The tensor layout is framework-neutral (fused q/k/v,
+fairseq's own ``SequenceGenerator``, and a live ``fastpatch.training.LSTransformer`` (its
+``generate`` drives it through ``fastpatch.training.engine``). The tensor layout is framework-neutral (fused q/k/v,
 ``nn.Linear`` layouts), see :class:`TransformerSpec`.
 
 Besides the one-call :meth:`TransformerEngine.start` (used by :class:`Transformer`'s searches),
@@ -73,8 +74,8 @@ class TransformerSpec(checkpoint.ModelSpec):
     decoder_start_token_id: int = 2
     #: the LM head is the token embedding (no ``lm_head.weight`` tensor)
     tie_word_embeddings: bool = True
-    #: pre-LN layers (each sub-block normalises its input) and a final LayerNorm after each stack
-    #: (``encoder.final_ln``, ``decoder.final_ln``); False: post-LN
+    #: pre-LN layers (each sub-block normalises its input); False: post-LN. Pre-LN needs
+    #: ``final_layer_norm``
     normalize_before: bool = False
     #: a LayerNorm right after the embeddings (``encoder.embed_ln``, ``decoder.embed_ln``)
     embed_layer_norm: bool = True
@@ -86,6 +87,9 @@ class TransformerSpec(checkpoint.ModelSpec):
     #: source vocabulary size when the encoder has its own token table
     #: (``encoder.embed.tokens``); 0: the encoder reads ``embed.tokens``
     source_vocab_size: int = 0
+    #: a LayerNorm after each stack's last layer (``encoder.final_ln``, ``decoder.final_ln``):
+    #: fairseq's pre-LN stacks, LightSeq's transformer in pre- and post-LN
+    final_layer_norm: bool = False
 
     def __post_init__(self):
         checkpoint.validate_spec(self, (
@@ -93,6 +97,16 @@ class TransformerSpec(checkpoint.ModelSpec):
             "num_heads", "ffn_size"))
         if self.source_vocab_size < 0:
             raise ValueError(f"model.source_vocab_size must be >= 0, got {self.source_vocab_size}")
+        if self.normalize_before and not self.final_layer_norm:
+            raise ValueError("model.final_layer_norm must be True when model.normalize_before is: a "
+                             "pre-LN stack's output is normalised only by its final LayerNorm")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerSpec":
+        if "final_layer_norm" not in d and d.get("normalize_before"):
+            # exported before the field existed, when pre-LN implied the final LayerNorms
+            d = {**d, "final_layer_norm": True}
+        return super().from_dict(d)
 
     @property
     def positions(self) -> int:
@@ -110,7 +124,7 @@ class TransformerSpec(checkpoint.ModelSpec):
             shapes[f"{side}.positions"] = (self.max_positions, h)
             if self.embed_layer_norm:
                 shapes.update({f"{side}.embed_ln.weight": (h,), f"{side}.embed_ln.bias": (h,)})
-            if self.normalize_before:
+            if self.final_layer_norm:
                 shapes.update({f"{side}.final_ln.weight": (h,), f"{side}.final_ln.bias": (h,)})
         for i in range(self.encoder_layers):
             p = f"encoder.layers.{i}."
@@ -160,8 +174,8 @@ class TransformerEngine:
         optional_norm = lambda prefix, present: norm(tensors, prefix, eps) if present else None  # noqa: E731
         self.encoder_embed_ln = optional_norm("encoder.embed_ln", spec.embed_layer_norm)
         self.decoder_embed_ln = optional_norm("decoder.embed_ln", spec.embed_layer_norm)
-        self.encoder_final_ln = optional_norm("encoder.final_ln", spec.normalize_before)
-        self.decoder_final_ln = optional_norm("decoder.final_ln", spec.normalize_before)
+        self.encoder_final_ln = optional_norm("encoder.final_ln", spec.final_layer_norm)
+        self.decoder_final_ln = optional_norm("decoder.final_ln", spec.final_layer_norm)
         self.encoder_layers = [EncoderLayer.of(tensors, f"encoder.layers.{i}.", eps)
                                for i in range(spec.encoder_layers)]
         self.decoder_layers: List[_DecoderLayer] = []
@@ -242,6 +256,8 @@ class TransformerEngine:
                                          else self.decoder_layers[i + 1].ln1, 0.0, False)
             else:
                 x = h = post_norm_residual(y, layer.fc2.bias(), x, layer.ln3, 0.0, False)
+        if not pre and self.decoder_final_ln is not None:  # pre-LN applied it with the last residual
+            h = layer_norm(h, self.decoder_final_ln)
         return F.linear(h[:, 0], self.lm_head, self.logits_bias)
 
     def _reserve(self, rows: int, target_slots: int, source_length: int) -> Tuple[int, int]:

@@ -1,14 +1,23 @@
 """Greedy and beam-search decoding for :class:`~fastpatch.training.LSTransformer`.
 
-Both decode incrementally with one :class:`~fastpatch.layers.KVCache` per decoder layer and
-drop finished sentences from the batch as they go (``KVCache.reorder_`` with a shrinking
-index). The bookkeeping is eager Python, as in fairseq's generator; the graph-captured engine for
-serving lives in ``fastpatch.inference``.
+The searches are eager Python bookkeeping, as in fairseq's generator, and drop finished
+sentences from the batch as they go. What they ask of the model (log-probabilities of the next
+token, following the search's rows) is a :class:`DecodingState`, of which there are two:
+
+* :class:`LayerDecoding`: the model's own fused layers, one
+  :class:`~fastpatch.layers.KVCache` per decoder layer (``KVCache.reorder_`` with a shrinking
+  index);
+* :class:`EngineDecoding`: the encoder-decoder engine of ``fastpatch.inference`` through a
+  :class:`~fastpatch.inference.transformer.DrivenSession` (static cache arena, cross-attention
+  keys/values computed once, CUDA-graph steps on the GPU); see ``fastpatch.training.engine``.
+
+Both give the same tokens and scores (up to the arithmetic of the dtype): the search does not
+know which one runs.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,22 +38,92 @@ def _check_args(model, src_tokens, eos_idx, bos_idx, max_len) -> None:
         raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
 
 
-def _next_log_probs(model, last_tokens, encoder_out, mask, caches, step) -> Tensor:
-    """fp32 log-probabilities ``[rows, V]`` of the next token; padding is never generated."""
-    logits = model.decoder.decode(last_tokens, encoder_out, mask, caches, step)[:, -1]
+def _log_probs(model, logits: Tensor) -> Tensor:
+    """fp32 log-probabilities ``[rows, V]`` of next-token ``logits``; padding is never generated."""
     lprobs = torch.log_softmax(logits.float(), dim=-1)
     lprobs[:, model.config.padding_idx] = _NEG_INF
     return lprobs
 
 
-def _shrink(index: Tensor, encoder_out: Tensor, mask: Tensor, caches: List[KVCache]):
-    for cache in caches:
-        cache.reorder_(index)
-    return encoder_out.index_select(0, index), mask.index_select(0, index)
+class DecodingState:
+    """The model's side of one search over a source batch: rows ``0..B-1`` are the sentences
+    until :meth:`expand` or :meth:`reorder` say otherwise."""
+
+    def expand(self, index: Tensor) -> None:
+        """Before the first step: row ``i`` becomes a copy of sentence ``index[i]`` (beams)."""
+        raise NotImplementedError
+
+    def next_log_probs(self, tokens: Tensor) -> Tensor:
+        """``tokens [R]``, the last token of every row, at the next target position: fp32
+        log-probabilities ``[R, V]`` of the token after it (padding at ``-inf``)."""
+        raise NotImplementedError
+
+    def reorder(self, index: Tensor) -> None:
+        """Between steps: row ``i`` continues old row ``index[i]`` (``index`` may be shorter:
+        finished sentences leave). A row keeps its sentence unless the row count changes (beams
+        move within their sentence), which :class:`EngineDecoding` relies on."""
+        raise NotImplementedError
+
+
+class LayerDecoding(DecodingState):
+    """The model's fused layers, decoding incrementally with one :class:`KVCache` per layer."""
+
+    def __init__(self, model, src_tokens: Tensor):
+        self.model = model
+        self.encoder_out, self.mask = model.encoder.encode(src_tokens)
+        self.caches = [KVCache() for _ in model.decoder.layers]
+        self.step = 0
+
+    def expand(self, index: Tensor) -> None:
+        self.encoder_out, self.mask = self.encoder_out.index_select(0, index), self.mask.index_select(0, index)
+
+    def next_log_probs(self, tokens: Tensor) -> Tensor:
+        logits = self.model.decoder.decode(tokens.unsqueeze(1), self.encoder_out, self.mask, self.caches,
+                                           self.step)[:, -1]
+        self.step += 1
+        return _log_probs(self.model, logits)
+
+    def reorder(self, index: Tensor) -> None:
+        for cache in self.caches:
+            cache.reorder_(index)
+        self.expand(index)
+
+
+class EngineDecoding(DecodingState):
+    """The model on the encoder-decoder engine: ``begin`` encodes the batch into the engine's
+    cross-attention cache, each step is one ``DrivenSession.step`` (a graph replay on CUDA)."""
+
+    def __init__(self, model, engine, src_tokens: Tensor, *, max_rows: int, max_steps: int):
+        self.model = model
+        mask = src_tokens.ne(model.encoder.padding_idx)  # True = token
+        self.session = engine.begin(src_tokens, mask, bool((~mask).any()), max_rows=max_rows,
+                                    max_target_tokens=max_steps)
+
+    def expand(self, index: Tensor) -> None:
+        self.session.reorder_source(index)
+
+    def next_log_probs(self, tokens: Tensor) -> Tensor:
+        return _log_probs(self.model, self.session.step(tokens))
+
+    def reorder(self, index: Tensor) -> None:
+        self.session.reorder_target(index)
+        self.session.reorder_source(index)  # moves only when the row count changes
+
+
+def start_decoding(model, src_tokens: Tensor, *, max_rows: int, max_steps: int,
+                   use_engine: Optional[bool] = None) -> DecodingState:
+    """The :class:`DecodingState` of ``src_tokens`` for a search of at most ``max_rows`` rows and
+    ``max_steps`` steps; ``use_engine`` as in ``LSTransformer.generate``."""
+    from . import engine
+
+    if not engine.use_engine_for(model, use_engine):
+        return LayerDecoding(model, src_tokens)
+    runner = engine.engine_for(model, max(src_tokens.shape[1], max_steps))
+    return EngineDecoding(model, runner, src_tokens, max_rows=max_rows, max_steps=max_steps)
 
 
 def greedy_search(model, src_tokens: Tensor, *, eos_idx: int, bos_idx: int,
-                  max_len: int) -> Tuple[Tensor, Tensor]:
+                  max_len: int, use_engine: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
     """Most likely next token at every step, until EOS or ``max_len`` tokens.
 
     Returns ``(tokens [B, T], scores [B])``: tokens after EOS are ``padding_idx``; a score is the
@@ -52,16 +131,15 @@ def greedy_search(model, src_tokens: Tensor, *, eos_idx: int, bos_idx: int,
     """
     _check_args(model, src_tokens, eos_idx, bos_idx, max_len)
     pad = model.config.padding_idx
-    encoder_out, mask = model.encoder.encode(src_tokens)
     batch, device = src_tokens.shape[0], src_tokens.device
-    caches = [KVCache() for _ in model.decoder.layers]
+    state = start_decoding(model, src_tokens, max_rows=batch, max_steps=max_len, use_engine=use_engine)
     out = torch.full((batch, max_len), pad, dtype=torch.long, device=device)
     scores = torch.zeros(batch, device=device)
     rows = torch.arange(batch, device=device)  # original row of each active row
-    last = torch.full((batch, 1), bos_idx, dtype=torch.long, device=device)
+    last = torch.full((batch,), bos_idx, dtype=torch.long, device=device)
     length = 0
     for step in range(max_len):
-        lprobs = _next_log_probs(model, last, encoder_out, mask, caches, step)
+        lprobs = state.next_log_probs(last)
         best, token = lprobs.max(dim=-1)
         out[rows, step] = token
         scores[rows] += best
@@ -71,15 +149,15 @@ def greedy_search(model, src_tokens: Tensor, *, eos_idx: int, bos_idx: int,
             break
         if not running.all():
             keep = running.nonzero().squeeze(1)
-            encoder_out, mask = _shrink(keep, encoder_out, mask, caches)
+            state.reorder(keep)
             rows, token = rows[keep], token[keep]
-        last = token.unsqueeze(1)
+        last = token
     return out[:, :length], scores
 
 
 def beam_search(model, src_tokens: Tensor, *, beam_size: int, eos_idx: int, bos_idx: int,
-                max_len: int, length_penalty: float = 1.0,
-                nbest: int = 1) -> Tuple[Tensor, Tensor]:
+                max_len: int, length_penalty: float = 1.0, nbest: int = 1,
+                use_engine: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
     """fairseq's beam search (without its length constraints and n-gram blocking).
 
     Each step extends every live beam by every token and keeps the ``2 * beam_size`` best
@@ -106,10 +184,8 @@ def beam_search(model, src_tokens: Tensor, *, beam_size: int, eos_idx: int, bos_
         raise ValueError(f"nbest must be an int in [1, beam_size={beam_size}], got {nbest!r}")
     k = beam_size
     device, batch = src_tokens.device, src_tokens.shape[0]
-    encoder_out, mask = model.encoder.encode(src_tokens)
-    expand = torch.arange(batch, device=device).repeat_interleave(k)
-    encoder_out, mask = encoder_out.index_select(0, expand), mask.index_select(0, expand)
-    caches = [KVCache() for _ in model.decoder.layers]
+    state = start_decoding(model, src_tokens, max_rows=batch * k, max_steps=max_len, use_engine=use_engine)
+    state.expand(torch.arange(batch, device=device).repeat_interleave(k))
     tokens = torch.full((batch * k, 1), bos_idx, dtype=torch.long, device=device)
     beam_scores = torch.full((batch, k), _NEG_INF, device=device)
     beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
@@ -117,7 +193,7 @@ def beam_search(model, src_tokens: Tensor, *, beam_size: int, eos_idx: int, bos_
     finished: List[List[Tuple[float, List[int]]]] = [[] for _ in range(batch)]
 
     for step in range(max_len):
-        lprobs = _next_log_probs(model, tokens[:, -1:], encoder_out, mask, caches, step)
+        lprobs = state.next_log_probs(tokens[:, -1])
         if step == max_len - 1:  # out of room: only EOS may follow
             eos = lprobs[:, eos_idx].clone()
             lprobs.fill_(_NEG_INF)
@@ -154,7 +230,7 @@ def beam_search(model, src_tokens: Tensor, *, beam_size: int, eos_idx: int, bos_
         tokens = torch.cat([tokens.index_select(0, index),
                             torch.tensor(next_tokens, device=device).unsqueeze(1)], dim=1)
         beam_scores = torch.tensor(next_scores, device=device).view(len(live), k)
-        encoder_out, mask = _shrink(index, encoder_out, mask, caches)
+        state.reorder(index)
         sentences = live
 
     # best first (sorted() is stable: equal scores keep the order they were finished in); every

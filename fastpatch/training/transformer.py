@@ -124,7 +124,7 @@ class LSTransformer(nn.Module):
     @torch.no_grad()
     def generate(self, src_tokens: Tensor, eos_idx: int, *, bos_idx: Optional[int] = None,
                  beam_size: int = 1, max_len: int = 200, length_penalty: float = 1.0,
-                 nbest: int = 1) -> Tuple[Tensor, Tensor]:
+                 nbest: int = 1, use_engine: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
         """Translates ``src_tokens [B, S]`` (padded with ``padding_idx``).
 
         Args:
@@ -134,6 +134,14 @@ class LSTransformer(nn.Module):
             max_len: most tokens generated per sentence (EOS included).
             length_penalty: beam scores are ``sum log p / length ** length_penalty``.
             nbest: hypotheses returned per sentence (beam search only).
+            use_engine: decode on ``fastpatch.inference``'s encoder-decoder engine (the encoder
+                once, cached cross-attention keys/values, CUDA-graph decoder steps; see
+                ``fastpatch.training.engine``). None (default): where its graphs run (parameters
+                on CUDA, kernels built) and it supports the model, else the fused layers, the
+                reason logged at INFO on the ``fastpatch`` logger. True: always (eagerly on the
+                CPU), ``ValueError`` if it cannot honour the model. False: the fused layers. The
+                search is the same code either way; the engine is kept on the model between
+                calls and rebuilt when the parameters are replaced, moved or cast.
 
         Returns:
             ``(tokens [B, T], scores [B])``: the best hypothesis per sentence, without BOS, ended
@@ -147,9 +155,11 @@ class LSTransformer(nn.Module):
         try:
             if beam_size == 1 and nbest == 1:
                 return generation.greedy_search(self, src_tokens, eos_idx=eos_idx,
-                                                bos_idx=bos_idx, max_len=max_len)
+                                                bos_idx=bos_idx, max_len=max_len,
+                                                use_engine=use_engine)
             return generation.beam_search(self, src_tokens, beam_size=beam_size, eos_idx=eos_idx,
                                           bos_idx=bos_idx, max_len=max_len,
-                                          length_penalty=length_penalty, nbest=nbest)
+                                          length_penalty=length_penalty, nbest=nbest,
+                                          use_engine=use_engine)
         finally:
             self.train(was_training)

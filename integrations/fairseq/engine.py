@@ -165,6 +165,7 @@ def engine_tensors(model) -> Tuple[TransformerSpec, Dict[str, Tensor]]:
         activation=_checks.activation_name(dec0.activation_fn), layer_norm_eps=_norm_eps(dec0.final_layer_norm),
         embed_scale=float(decoder.embed_scale), decoder_start_token_id=decoder.dictionary.eos(),
         tie_word_embeddings=tied, normalize_before=bool(dec0.normalize_before),
+        final_layer_norm=bool(dec0.normalize_before),
         embed_layer_norm=decoder.layernorm_embedding is not None, positions_skip_padding=True,
         logits_bias=False, source_vocab_size=0 if shared else encoder.embed_tokens.weight.shape[0])
     t = {"embed.tokens": p(decoder.embed_tokens.weight)}

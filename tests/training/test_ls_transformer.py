@@ -2,6 +2,8 @@
 tests/layers/plain_layers.py, LightSeq's embedding written here) from the same init: a 50-step
 training run on a copy task, incremental decoding, greedy and beam-search generation."""
 import copy
+import dataclasses
+import logging
 import math
 
 import pytest
@@ -11,6 +13,7 @@ from torch import nn
 
 from fastpatch.layers import fairseq_layer_map
 from fastpatch.training import LSAdam, LSCrossEntropyLayer, LSTransformer
+from fastpatch.training.engine import ls_transformer_tensors
 from layers.plain_layers import FairseqDecoderLayer, FairseqEncoderLayer, randomize_
 from numerics import assert_close_relative, assert_within_factor_of_torch
 
@@ -309,6 +312,221 @@ def test_beam_search_forces_eos_at_max_len_and_checks_arguments(random_pair):
         fused.generate(src, VOCAB)
 
 
+# ------------------------------------------------------------------------- the decoding engine
+def eos_likely_model(pre_ln, eos_boost=1.2, seed=3):
+    """A random model whose hypotheses stop at different steps (see ``random_pair``)."""
+    torch.manual_seed(seed)
+    plain = randomize_(PlainTransformer(pre_ln), scale=0.3)
+    with torch.no_grad():
+        plain.tgt_embed.weight[EOS] *= eos_boost
+    return fused_copy_of(plain, pre_ln).eval()
+
+
+def mixed_padding_batch(seed, batch=6, max_len=9):
+    """Padded sources, right-padded rows and (every other row) left-padded ones."""
+    src, _, _ = copy_batch(torch.Generator().manual_seed(seed), batch=batch, max_len=max_len)
+    for row in range(0, batch, 2):
+        n = int(src[row].ne(PAD).sum())
+        src[row] = torch.cat([src[row, n:], src[row, :n]])
+    assert src.eq(PAD).any()
+    return src
+
+
+@pytest.fixture
+def row_counts(monkeypatch):
+    """The row counts the engine's decoding state is reordered to, per search."""
+    from fastpatch.training import generation
+
+    counts = []
+    reorder = generation.EngineDecoding.reorder
+    monkeypatch.setattr(generation.EngineDecoding, "reorder",
+                        lambda self, index: (counts.append(index.shape[0]), reorder(self, index))[1])
+    return counts
+
+
+def assert_same_search(a, b, tolerance=1e-5):
+    assert torch.equal(a[0], b[0]), "tokens differ"
+    assert (a[1] - b[1]).abs().le(tolerance * b[1].abs().clamp(min=1)).all(), (a[1], b[1])
+
+
+@pytest.mark.parametrize("pre_ln", [False, True], ids=["post-ln", "pre-ln"])
+def test_engine_greedy_and_beam_search_equal_the_layers(pre_ln, row_counts):
+    from fastpatch.training.engine import engine_of
+
+    model = eos_likely_model(pre_ln, eos_boost=1.5)
+    src = mixed_padding_batch(11, batch=8)
+    layers = model.generate(src, EOS, max_len=12, use_engine=False)
+    assert engine_of(model) is None
+    engine = model.generate(src, EOS, max_len=12, use_engine=True)
+    assert_same_search(engine, layers)
+    assert engine_of(model) is not None and not engine_of(model).use_cuda_graph  # eager on the CPU
+    lengths = layers[0].ne(PAD).sum(dim=1)
+    assert len(set(lengths.tolist())) > 1 and lengths.min() < 12, "rows should finish at different steps"
+    assert row_counts and row_counts[-1] < src.shape[0], "the greedy batch should shrink"
+
+    row_counts.clear()
+    options = dict(beam_size=4, nbest=2, length_penalty=0.6, max_len=12)
+    layers = model.generate(src, EOS, use_engine=False, **options)
+    engine = model.generate(src, EOS, use_engine=True, **options)
+    assert layers[0].shape[:2] == (src.shape[0], 2)
+    assert_same_search(engine, layers)
+    assert row_counts[0] == 4 * src.shape[0] and len(set(row_counts)) > 2, \
+        f"sentences should finish at different steps: rows {row_counts}"
+    best = model.generate(src, EOS, use_engine=True, beam_size=4, length_penalty=0.6, max_len=12)
+    assert torch.equal(best[0], engine[0][:, 0, :best[0].shape[1]]) and torch.equal(best[1], engine[1][:, 0])
+
+
+def test_engine_follows_the_layers_reference_search(random_pair):
+    """The engine against the plain model's prefix-recomputing beam search (not only the layers)."""
+    fused, plain = random_pair
+    src, _, _ = copy_batch(torch.Generator().manual_seed(11), batch=6)
+    tokens, scores = fused.generate(src, EOS, beam_size=3, max_len=10, length_penalty=0.6, nbest=3,
+                                    use_engine=True)
+    for row, hyps in enumerate(plain_beam(plain, src, 3, 10, 0.6)):
+        for j, (score, hyp) in enumerate(hyps):
+            assert tokens[row, j, :len(hyp)].tolist() == hyp, (row, j)
+            assert abs(scores[row, j].item() - score) <= 1e-4 * max(1.0, abs(score))
+
+
+def _no_fc1_bias(model):
+    layer = model.decoder.layers[1]
+    layer.config = layer.config.replace(fc1_bias=False)
+    layer.fc1_bias = None
+    return "fc1_bias=False"
+
+
+def _narrow_encoder(model):
+    """An encoder of width 16 under a decoder of width 32 (its cross-attention reads width 16)."""
+    from fastpatch.layers import TransformerDecoderLayer
+    from fastpatch.training import LSTransformerEmbeddingLayer, LSTransformerEncoder
+
+    narrow = LSTransformer.get_config(hidden_size=16, intermediate_size=FFN, nhead=HEADS,
+                                      hidden_dropout_ratio=0.0, vocab_size=VOCAB, padding_idx=PAD,
+                                      pre_layer_norm=model.config.pre_layer_norm, num_encoder_layer=2,
+                                      num_decoder_layer=2)
+    model.encoder = LSTransformerEncoder(narrow, LSTransformerEmbeddingLayer(narrow))
+    for i, old in enumerate(model.decoder.layers):
+        model.decoder.layers[i] = TransformerDecoderLayer(old.config.replace(encoder_hidden_size=16))
+    randomize_(model, scale=0.3)
+    return "encoder output of width 16"
+
+
+def _final_norm_eps(model):
+    model.decoder.layer_norm.eps = 1e-6
+    return "eps=1e-06"
+
+
+@pytest.mark.parametrize("break_it", [_no_fc1_bias, _narrow_encoder, _final_norm_eps],
+                         ids=["bias-off", "encoder-width", "final-norm-eps"])
+def test_engine_refuses_what_it_cannot_honour(break_it, caplog):
+    model = eos_likely_model(True)
+    reason = break_it(model)
+    model.eval()
+    src = mixed_padding_batch(11)
+    with pytest.raises(ValueError, match=f"use_engine=True.*{reason}"):
+        model.generate(src, EOS, max_len=8, use_engine=True)
+    layers = model.generate(src, EOS, max_len=8, use_engine=False)
+    with caplog.at_level(logging.INFO, logger="fastpatch"):
+        default = model.generate(src, EOS, max_len=8)
+    assert any("runs the fused layers" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+    assert_same_search(default, layers, 0.0)
+    from fastpatch.training.engine import engine_of
+
+    assert engine_of(model) is None
+
+
+def test_engine_refuses_an_activation_without_a_kernel_and_bad_arguments():
+    model = eos_likely_model(False)
+    object.__setattr__(model.encoder.layers[0].config, "activation", "tanh")  # frozen: forced
+    with pytest.raises(ValueError, match="activation 'tanh'"):
+        model.generate(mixed_padding_batch(1), EOS, max_len=4, use_engine=True)
+    with pytest.raises(ValueError, match="use_engine"):
+        eos_likely_model(False).generate(mixed_padding_batch(1), EOS, max_len=4, use_engine=1)
+
+
+def test_default_on_the_cpu_runs_the_layers(caplog):
+    from fastpatch.training.engine import engine_of
+
+    model = eos_likely_model(False)
+    with caplog.at_level(logging.INFO, logger="fastpatch"):
+        model.generate(mixed_padding_batch(1), EOS, max_len=4)
+    assert any("runs the fused layers: the parameters are on cpu" in r.getMessage() for r in caplog.records)
+    assert engine_of(model) is None
+
+
+def test_engine_is_kept_and_rebuilt_when_parameters_change():
+    from fastpatch.training.engine import MIN_POSITIONS, engine_of
+
+    model = eos_likely_model(True)
+    src = mixed_padding_batch(11)
+    search = lambda m: m.generate(src, EOS, beam_size=2, max_len=10, use_engine=True)  # noqa: E731
+    reference = lambda m: m.generate(src, EOS, beam_size=2, max_len=10, use_engine=False)  # noqa: E731
+    search(model)
+    first = engine_of(model)
+    search(model)
+    assert engine_of(model) is first, "an unchanged model keeps its engine"
+
+    with torch.no_grad():  # in place (an optimizer step): the engine reads the parameters
+        model.decoder.layers[0].fc1_weight.mul_(1.5)
+        model.encoder.embed_tokens.embeddings.mul_(0.8)
+    assert_same_search(search(model), reference(model))
+    assert engine_of(model) is first
+
+    layer = model.decoder.layers[1]  # replaced
+    layer.qkv_weight = nn.Parameter(0.3 * torch.randn_like(layer.qkv_weight))
+    assert_same_search(search(model), reference(model))
+    assert engine_of(model) is not first
+    second = engine_of(model)
+
+    # untied output projection: the engine reads it as its own LM head
+    model.decoder.output_projection.weight = nn.Parameter(model.decoder.embed_tokens.embeddings.detach() * 1.1)
+    assert_same_search(search(model), reference(model))
+    assert engine_of(model) is not second and not engine_of(model).spec.tie_word_embeddings
+
+    model.double()  # moved / cast
+    result = search(model)
+    assert engine_of(model).dtype == torch.float64
+    assert_same_search(result, reference(model))
+
+    # a source longer than the sinusoid tables grows them; shorter calls keep the larger engine
+    long_src = torch.randint(3, VOCAB, (1, MIN_POSITIONS + 10))
+    long = model.generate(long_src, EOS, max_len=3, use_engine=True)
+    assert engine_of(model).spec.max_positions == 2 * MIN_POSITIONS
+    assert_same_search(long, model.generate(long_src, EOS, max_len=3, use_engine=False))
+    grown = engine_of(model)
+    search(model)
+    assert engine_of(model) is grown
+
+
+def test_spec_pre_ln_needs_the_final_layer_norm():
+    from fastpatch.inference.transformer import TransformerSpec
+
+    spec, _ = ls_transformer_tensors(eos_likely_model(True))
+    assert spec.normalize_before and spec.final_layer_norm
+    with pytest.raises(ValueError, match="final_layer_norm"):
+        dataclasses.replace(spec, final_layer_norm=False)
+    assert dataclasses.replace(spec, normalize_before=False, final_layer_norm=False)  # BART's
+    # config.json written before the field existed: pre-LN implied the final LayerNorms
+    old = {k: v for k, v in spec.to_dict().items() if k != "final_layer_norm"}
+    assert TransformerSpec.from_dict(old) == spec
+
+
+def test_copies_of_the_model_do_not_carry_the_engine():
+    import pickle
+
+    from fastpatch.training.engine import engine_of
+
+    model = eos_likely_model(False)
+    src = mixed_padding_batch(5)
+    expected = model.generate(src, EOS, max_len=8, use_engine=True)
+    assert engine_of(model) is not None
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert engine_of(twin) is None
+        assert_same_search(twin.generate(src, EOS, max_len=8, use_engine=True), expected, 0.0)
+        assert engine_of(twin) is not engine_of(model)
+        assert engine_of(twin).t["embed.tokens"].data_ptr() == twin.decoder.embed_tokens.embeddings.data_ptr()
+
+
 # ----------------------------------------------------------------------------------------- GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -332,3 +550,35 @@ def test_cuda_half_precision_logits_training_and_generation(dtype):
         tokens, scores = fused.generate(src[:8], EOS, beam_size=beam, max_len=16)
         assert tokens.shape[0] == 8 and torch.isfinite(scores).all()
         assert ((tokens >= 0) & (tokens < VOCAB)).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pre_ln", [False, True], ids=["post-ln", "pre-ln"])
+def test_cuda_engine_graphs_match_the_layers_and_the_eager_engine(pre_ln, caplog):
+    """fp16: the engine (default on CUDA: graph-replayed steps) gives the fused layers' tokens for
+    most sentences (the arithmetic differs, so a near tie may go the other way), and its graph
+    replays are bitwise its eager steps, also while the batch shrinks."""
+    from fastpatch.training.engine import engine_of
+
+    model = eos_likely_model(pre_ln, eos_boost=1.5).cuda().half()
+    src = mixed_padding_batch(0, batch=64, max_len=30).cuda()
+    for options in (dict(max_len=40), dict(beam_size=4, max_len=40, length_penalty=0.6)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fastpatch"):
+            graphs = model.generate(src, EOS, **options)
+        assert any("runs on the decoding engine" in r.getMessage() for r in caplog.records)
+        engine = engine_of(model)
+        assert engine.use_cuda_graph
+        layers = model.generate(src, EOS, use_engine=False, **options)
+        length = max(graphs[0].shape[1], layers[0].shape[1])
+        pad = lambda t: F.pad(t, (0, length - t.shape[1]), value=PAD)  # noqa: E731
+        same = (pad(graphs[0]) == pad(layers[0])).all(dim=1)
+        assert same.float().mean() >= 0.9, f"{int(same.sum())}/64 sentences identical ({options})"
+        assert graphs[0].ne(PAD).sum(dim=1).unique().numel() > 1, "sentences should end at different steps"
+        engine.use_cuda_graph = False
+        try:
+            eager = model.generate(src, EOS, use_engine=True, **options)
+        finally:
+            engine.use_cuda_graph = True
+        assert engine_of(model) is engine
+        assert torch.equal(eager[0], graphs[0]) and torch.equal(eager[1], graphs[1]), options
