@@ -12,14 +12,14 @@ Supported checkpoints: Hugging Face BART (``BartForConditionalGeneration``) thro
 ``fastpatch.export``, and fairseq's ``TransformerModel`` (post- or pre-LN, sinusoidal or learned
 positions) through ``fastpatch.integrations.fairseq.engine``, which also drives the engine from
 fairseq's own ``SequenceGenerator``, and a live ``fastpatch.training.LSTransformer`` (its
-``generate`` drives it through ``fastpatch.training.engine``). The tensor layout is framework-neutral (fused q/k/v,
-``nn.Linear`` layouts), see :class:`TransformerSpec`.
+``generate`` drives it through ``fastpatch.training.engine``). The tensor layout is
+framework-neutral (fused q/k/v, ``nn.Linear`` layouts), see :class:`TransformerSpec`.
 
 Besides the one-call :meth:`TransformerEngine.start` (used by :class:`Transformer`'s searches),
-the engine offers the pieces an outside search drives: :meth:`~TransformerEngine.begin` (encode
-and cache a source batch), :meth:`~TransformerEngine.step` (one token for any number of rows,
-one graph per row bucket) and :meth:`~TransformerEngine.reorder` (follow the search's beams,
-also when its batch shrinks).
+the engine serves searches written elsewhere (fairseq's, LightSeq's): :meth:`~TransformerEngine.begin`
+encodes and caches a source batch and returns a :class:`DrivenSession`, whose ``step`` decodes
+one token for any number of rows (one graph per row bucket) and whose ``reorder_target`` /
+``reorder_source`` follow the search's beams, also when its batch shrinks.
 """
 from __future__ import annotations
 
