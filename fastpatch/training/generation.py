@@ -217,7 +217,9 @@ def beam_search(model, src_tokens: Tensor, *, beam_size: int, eos_idx: int, bos_
                         finished[sentence].append((normalised, hypothesis))
                 elif len(chosen) < k:
                     chosen.append((g * k + beam, token, score))
-            if len(finished[sentence]) >= k:
+            # at max_len every live beam has just been finished with EOS; at max_len == 1 the k
+            # beams are still identical, so a sentence ends there with a single hypothesis
+            if len(finished[sentence]) >= k or step == max_len - 1:
                 continue
             live.append(sentence)
             for row, token, score in chosen:
@@ -233,12 +235,13 @@ def beam_search(model, src_tokens: Tensor, *, beam_size: int, eos_idx: int, bos_
         state.reorder(index)
         sentences = live
 
-    # best first (sorted() is stable: equal scores keep the order they were finished in); every
-    # sentence has beam_size finished hypotheses, as max_len finishes all live beams
+    # best first (sorted() is stable: equal scores keep the order they were finished in). A
+    # sentence can hold fewer than nbest hypotheses only when max_len == 1 (one distinct beam):
+    # the missing ones are all padding with score -inf
     ranked = [sorted(hyps, key=lambda h: -h[0])[:nbest] for hyps in finished]
     longest = max(len(h[1]) for r in ranked for h in r)
     out = torch.full((batch, nbest, longest), pad, dtype=torch.long, device=device)
-    scores = torch.empty(batch, nbest, device=device)
+    scores = torch.full((batch, nbest), _NEG_INF, device=device)
     for i, hyps in enumerate(ranked):
         for j, (score, hypothesis) in enumerate(hyps):
             out[i, j, :len(hypothesis)] = torch.tensor(hypothesis, device=device)

@@ -312,6 +312,23 @@ def test_beam_search_forces_eos_at_max_len_and_checks_arguments(random_pair):
         fused.generate(src, VOCAB)
 
 
+
+def test_beam_search_with_room_for_eos_only(random_pair):
+    """max_len=1: the beams are still identical, so each sentence ends with one hypothesis, EOS,
+    scored by EOS's log-probability after BOS; further n-best entries are padding at -inf."""
+    fused, _ = random_pair
+    src, _, _ = copy_batch(torch.Generator().manual_seed(13), batch=3)
+    tokens, scores = fused.generate(src, EOS, beam_size=3, max_len=1, nbest=2)
+    assert tokens.shape == (3, 2, 1)
+    assert (tokens[:, 0, 0] == EOS).all() and (tokens[:, 1, 0] == PAD).all()
+    from fastpatch.training.generation import start_decoding
+
+    with torch.no_grad():
+        state = start_decoding(fused, src, max_rows=3, max_steps=1, use_engine=False)
+        eos_after_bos = state.next_log_probs(torch.full((3,), EOS))[:, EOS]
+    assert torch.allclose(scores[:, 0], eos_after_bos, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(scores[:, 0]).all() and torch.isneginf(scores[:, 1]).all()
+
 # ------------------------------------------------------------------------- the decoding engine
 def eos_likely_model(pre_ln, eos_boost=1.2, seed=3):
     """A random model whose hypotheses stop at different steps (see ``random_pair``)."""
