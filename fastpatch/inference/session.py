@@ -9,6 +9,8 @@ from device tensors and has fixed shapes, so one capture per shape bucket serves
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -16,6 +18,8 @@ from torch import Tensor
 
 from .cache import KVArena
 from .graphs import CapturedCall
+
+logger = logging.getLogger("fastpatch")
 
 StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -40,6 +44,10 @@ class StepGraphs:
     def __init__(self, *arenas: KVArena):
         self.arenas = arenas
         self._graphs: Dict[Tuple, StepGraph] = {}
+        # what capturing has cost so far (warm-up runs included): captures mid-search are
+        # host time the search waits for, which benchmarks and logs report
+        self.captures = 0
+        self.capture_seconds = 0.0
 
     def get(self, key: Tuple, rows: int, step: StepFunction, *, warmup_slot: int = 0) -> StepGraph:
         """The graph of ``key``, captured now (warm-up runs writing cache slot ``warmup_slot``)
@@ -50,7 +58,12 @@ class StepGraphs:
             self._graphs.clear()
             graph = None
         if graph is None:
+            began = time.perf_counter()
             graph = self._graphs[key] = StepGraph(step, rows, self.arenas[0].device, version, warmup_slot)
+            self.captures += 1
+            self.capture_seconds += time.perf_counter() - began
+            logger.debug("fastpatch.inference: captured the step of %s in %.1f ms", key,
+                         1e3 * (time.perf_counter() - began))
         return graph
 
     def __len__(self) -> int:
