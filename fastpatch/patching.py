@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import available_adapters, first_match, is_accelerated, revert_module
+from .ops._dispatch import prepare_dispatch
 from .report import AccelerationReport, UnsupportedModelError
 
 logger = logging.getLogger("fastpatch")
@@ -91,6 +92,9 @@ def accelerate(model: nn.Module, *, strict: bool = False, training: Optional[boo
     _route_generate(root, report)
     _route_encoder_forward(root, report)
     _fuse_loss(root, report)
+    if report.replaced:
+        parameter = next(root.parameters(), None)
+        prepare_dispatch(parameter.device if parameter is not None else torch.device("cpu"))
     setattr(model, _REPORT_ATTR, report)
     if root is not model:
         setattr(root, _REPORT_ATTR, report)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layers.functional import layer_norm
+from ..ops._dispatch import prepare_dispatch
 from . import checkpoint
 from .blocks import EncoderLayer, encoder_layer, encoder_layer_shapes, norm
 from .graphs import CapturedCall, bucket, graphs_available
@@ -76,6 +77,7 @@ class BertEngine:
         self.embed_ln = norm(tensors, "embed.ln", eps)
         self.layers = [EncoderLayer.of(tensors, f"layers.{i}.", eps) for i in range(spec.num_layers)]
         self.device = tensors["embed.tokens"].device
+        prepare_dispatch(self.device)
         self.use_cuda_graph = use_cuda_graph and graphs_available(self.device)
         self._graphs: Dict[Tuple[int, int, bool], "_ForwardGraph"] = {}
 

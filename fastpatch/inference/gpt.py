@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import ops
 from ..layers.functional import (LayerNormWeights, Projection, feed_forward, layer_norm,
                                  pre_norm_residual)
+from ..ops._dispatch import prepare_dispatch
 from . import checkpoint
 from .cache import KVArena
 from .generation import GenerativeModel, Started
@@ -126,6 +127,7 @@ class GptEngine:
         self.device, self.dtype = self.token_embedding.device, self.token_embedding.dtype
         self.arena = KVArena(spec.num_layers, spec.num_heads, spec.hidden_size // spec.num_heads,
                              self.dtype, self.device)
+        prepare_dispatch(self.device)
         self.use_cuda_graph = use_cuda_graph and graphs_available(self.device)
         self.graphs = StepGraphs(self.arena)
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from .. import ops
 from ..layers.functional import (LayerNormWeights, Projection, feed_forward, layer_norm, post_norm_residual,
                                  pre_norm_residual)
+from ..ops._dispatch import prepare_dispatch
 from . import checkpoint
 from .blocks import EncoderLayer, encoder_layer, encoder_layer_shapes, linear, norm
 from .cache import KVArena
@@ -195,6 +196,7 @@ class TransformerEngine:
         self.arena = KVArena(spec.decoder_layers, spec.num_heads, head_dim, self.dtype, self.device)
         self.cross = KVArena(spec.decoder_layers, spec.num_heads, head_dim, self.dtype, self.device)
         self._source_bias: Optional[Tensor] = None  # [rows, source slots] additive, follows self.cross
+        prepare_dispatch(self.device)
         self.use_cuda_graph = use_cuda_graph and graphs_available(self.device)
         self.graphs = StepGraphs(self.arena, self.cross)
 

@@ -26,6 +26,21 @@ def kernel_for(name: str, *tensors: torch.Tensor | None):
     return getattr(ops, name, None)
 
 
+def prepare_dispatch(device: torch.device) -> None:
+    """Pay now the one-time costs of the first fused-op call of a process.
+
+    The first call of any ``torch.library`` custom op imports ``torch._dynamo`` (about 1.4 s),
+    and on CUDA the first kernel lookup loads (or JIT-builds) the extension. ``accelerate`` and
+    the inference engines call this while the model is being prepared, so that the first
+    forward or generated batch does not carry them (a server's first request, and
+    ``fairseq-generate``'s timer, which excludes model loading but not the first batch).
+    """
+    import torch._dynamo  # noqa: F401
+
+    if device.type == "cuda":
+        _extension.cuda_ops()
+
+
 # nn.Parameter is a Tensor subclass that needs no tracing; every other subclass (FakeTensor,
 # FunctionalTensor, DTensor...) goes through the custom op.
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)

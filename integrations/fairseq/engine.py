@@ -236,6 +236,9 @@ class EngineEnsemble(EnsembleModel):
         self._use_cuda_graph = use_cuda_graph
         self._engine: Optional[TransformerEngine] = None
         self._key = None
+        # built now, with the generator (fairseq-generate has loaded, cast and moved the model
+        # by then), not in the first batch: that is generation time the user waits for
+        self.engine()
 
     def engine(self) -> TransformerEngine:
         """The engine over the model's current parameters (rebuilt when they were replaced,

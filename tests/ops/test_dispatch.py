@@ -43,3 +43,19 @@ def test_both_paths_compute_the_same_values_and_gradients():
     gb = torch.autograd.grad(compiled, (x, b), g)
     for a, c in zip(ga, gb):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_prepare_dispatch_pays_the_first_custom_op_import_up_front():
+    # torch imports torch._dynamo inside the first custom-op call of a process (~1.4 s); after
+    # prepare_dispatch a fresh process has it already, so a first batch no longer pays it
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from fastpatch.ops._dispatch import prepare_dispatch\n"
+            "before = 'torch._dynamo' in sys.modules\n"
+            "prepare_dispatch(torch.device('cpu'))\n"
+            "print(before, 'torch._dynamo' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["False", "True"]
