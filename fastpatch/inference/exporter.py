@@ -16,7 +16,7 @@ def export(model: nn.Module, path, **generation) -> str:
     (``BertModel`` or a ``BertFor...`` model's encoder, read by ``fi.Bert``), BART
     (``BartForConditionalGeneration``, read by ``fi.Transformer``) and fairseq's
     ``TransformerModel`` (read by ``fi.Transformer``; decoding defaults those of
-    ``fairseq-generate``: beam 5, up to 200 tokens, its EOS and pad ids), vanilla or accelerated
+    ``fairseq-generate``: beam 5, 1 to 200 tokens, its EOS and pad ids), vanilla or accelerated
     (``fastpatch.accelerate`` keeps the parameters). Weights keep the model's dtype.
 
     Args:
@@ -75,7 +75,8 @@ def _export_fairseq(model, path, source: str, generation: dict) -> None:
 
     spec, tensors = engine_tensors(model)
     dictionary = model.decoder.dictionary
-    options = GenerationOptions(max_new_tokens=200, num_beams=5, early_stopping=True,
+    # fairseq-generate's defaults (--min-len 1 bars EOS as the first token)
+    options = GenerationOptions(max_new_tokens=200, min_new_tokens=1, num_beams=5, early_stopping=True,
                                 eos_token_id=(dictionary.eos(),), pad_token_id=dictionary.pad())
     checkpoint.check_tensors(spec.tensor_shapes(), tensors, source)
     checkpoint.save(path, "transformer", spec.to_dict(), options.replace(**generation).to_dict(),

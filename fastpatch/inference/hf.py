@@ -37,7 +37,7 @@ logger = logging.getLogger("fastpatch")
 ENGINE_MODELS = ("GPT2LMHeadModel", "BartForConditionalGeneration")
 
 # GenerationConfig fields the engine honours (the rest must keep their neutral value).
-_HANDLED = {"max_length", "max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p",
+_HANDLED = {"max_length", "max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p",
             "length_penalty", "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id",
             "bos_token_id", "decoder_start_token_id", "output_scores", "return_dict_in_generate",
             "use_cache", "forced_bos_token_id", "forced_eos_token_id", "cache_implementation",
@@ -162,7 +162,8 @@ def _plan(model, inputs, generation_config, kwargs) -> Union[_Plan, str]:
     num_beams = config.num_beams or 1
     try:
         options = GenerationOptions(
-            max_new_tokens=max_new, do_sample=bool(config.do_sample),
+            max_new_tokens=max_new, min_new_tokens=config.min_new_tokens or 0,
+            do_sample=bool(config.do_sample),
             temperature=config.temperature if config.temperature is not None else 1.0,
             top_k=config.top_k if config.top_k is not None else neutral.get("top_k", 50),
             top_p=config.top_p if config.top_p is not None else 1.0, num_beams=num_beams,

@@ -17,6 +17,8 @@ class GenerationOptions:
 
     Attributes:
         max_new_tokens: tokens generated per row at most (the prompt is not counted).
+        min_new_tokens: EOS ids are barred until a row has generated this many tokens (HF's
+            ``MinNewTokensLengthLogitsProcessor``; fairseq's ``--min-len``).
         do_sample: sample from the (warped) distribution instead of taking the best token(s).
         temperature: logits are divided by it before sampling (> 0).
         top_k: keep the ``top_k`` most likely tokens when sampling (0 = no limit).
@@ -39,6 +41,7 @@ class GenerationOptions:
     """
 
     max_new_tokens: int = 20
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 50
@@ -56,6 +59,7 @@ class GenerationOptions:
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         _int("max_new_tokens", self.max_new_tokens, 1)
+        _int("min_new_tokens", self.min_new_tokens, 0)
         _bool("do_sample", self.do_sample)
         set_("temperature", _float("temperature", self.temperature, positive=True))
         _int("top_k", self.top_k, 0)

@@ -28,9 +28,13 @@ _NEG = -1.0e9
 
 
 def force_tokens(scores: Tensor, options: GenerationOptions, prompt_length: int, t: int) -> Tensor:
-    """HF's forced-BOS / forced-EOS processors for new token ``t``: a forced id keeps score 0
-    and every other id gets ``-inf``. BOS is forced when the sequence so far is one token
-    (an encoder-decoder's start token), EOS at the last position ``max_new_tokens`` allows."""
+    """HF's minimum-length and forced-BOS / forced-EOS processors for new token ``t``, in HF's
+    order. Before ``min_new_tokens`` tokens the EOS ids score ``-inf``. A forced id keeps score
+    0 and every other id gets ``-inf``: BOS is forced when the sequence so far is one token (an
+    encoder-decoder's start token), EOS at the last position ``max_new_tokens`` allows."""
+    if t < options.min_new_tokens and options.eos_token_id:
+        scores = scores.clone()  # the caller may keep the unprocessed scores
+        scores[:, list(options.eos_token_id)] = float("-inf")
     forced = ()
     if options.forced_bos_token_id is not None and prompt_length + t == 1:
         forced = (options.forced_bos_token_id,)

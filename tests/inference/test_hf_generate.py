@@ -43,6 +43,8 @@ def _same(a, b):
     dict(max_new_tokens=10, num_beams=3, output_scores=True, return_dict_in_generate=True),
     dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True),
     dict(max_new_tokens=10, num_beams=2, length_penalty=0.5, early_stopping=True, pad_token_id=PAD),
+    dict(max_new_tokens=10, min_new_tokens=7, num_beams=2),
+    dict(max_new_tokens=10, min_new_tokens=7),
 ])
 def test_engine_path_gives_hf_outputs(pair, caplog, kwargs):
     vanilla, routed = pair
@@ -72,7 +74,7 @@ def test_sampling_through_the_engine_draws_like_hf(pair, caplog):
     (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size=2"),
     (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions=True"),
     (dict(logits_processor=transformers.LogitsProcessorList()), "logits_processor is set"),
-    (dict(min_new_tokens=3), "min_new_tokens=3"),
+    (dict(min_length=9), "min_length=9"),
     (dict(use_cache=False), "use_cache=False"),
 ])
 def test_unsupported_calls_fall_back_to_hf_and_say_why(pair, caplog, kwargs, reason):
@@ -174,6 +176,7 @@ def bart_pair():
     dict(max_new_tokens=10, num_beams=3, length_penalty=0.5, early_stopping=True,
          output_scores=True, return_dict_in_generate=True),
     dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True),
+    dict(max_new_tokens=10, min_new_tokens=6, num_beams=3),
 ])
 def test_bart_generate_runs_the_engine_with_hf_outputs(bart_pair, caplog, kwargs):
     """accelerate(BartForConditionalGeneration): generate() on the encoder-decoder engine, with

@@ -103,3 +103,18 @@ def test_bad_inputs_are_named(engine):
         engine.infer([[3] * 101])
     with pytest.raises(ValueError, match="max_new_tokens=101 exceeds the model's 100 target positions"):
         engine.infer([[3, 4]], max_new_tokens=101)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_min_new_tokens_bars_eos_as_hf_does(num_beams):
+    # eos_bias makes EOS the likeliest token from the first step: without the minimum every
+    # sentence would end at once
+    model = bart(init_std=0.3, eos_bias=25.0)
+    engine = fi.Transformer.from_hf(model)
+    src, mask = right_padded(97, batch=3, length=8, seed=3)
+    hf = model.generate(src, attention_mask=mask, max_new_tokens=12, min_new_tokens=6,
+                        num_beams=num_beams)[:, 1:]
+    out = engine.generate(src, mask, max_new_tokens=12, min_new_tokens=6, num_beams=num_beams).tokens
+    assert torch.equal(out, hf)
+    ends = (out == EOS).int().argmax(dim=1)
+    assert bool((out == EOS).any(dim=1).all()) and ends.min() == 6  # the first EOS allowed

@@ -220,13 +220,16 @@ def test_export_and_three_line_inference(name, tmp_path):
     src, lengths, _, _ = padded_pair(d, batch=4, src_len=9)
     fastpatch.export(model, tmp_path)
     engine = fi.Transformer(tmp_path, max_batch_size=4, device="cpu")
-    assert engine.generation.num_beams == 5 and engine.generation.eos_token_id == (d.eos(),)
+    options = engine.generation
+    assert (options.num_beams, options.eos_token_id, options.min_new_tokens) == (5, (d.eos(),), 1)
     got = engine.generate(src, src.ne(d.pad()), num_beams=1, max_new_tokens=8).tokens
     with torch.no_grad():
         encoded = model.encoder(src, src_lengths=lengths)
         prefix = torch.full((4, 1), d.eos())
-        for _ in range(8):
+        for step in range(8):
             logits = model.decoder(prefix, encoded)[0][:, -1]
+            if step == 0:  # fairseq-generate's --min-len 1
+                logits[:, d.eos()] = float("-inf")
             prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], dim=1)
     expected = prefix[:, 1:]
     ended = expected.eq(d.eos()).cumsum(dim=1) - expected.eq(d.eos()).int() > 0
