@@ -51,6 +51,7 @@ COMMANDS = {
     "lightseq-train": [sys.executable, "-m", "fastpatch.integrations.fairseq.cli", "train"],
     "fairseq-generate": [sys.executable, "-c", PLAIN_GENERATE],
     "lightseq-generate": [sys.executable, "-m", "fastpatch.integrations.fairseq.cli", "generate"],
+    "fi-translate": [sys.executable, os.path.join(HERE, "translate_fi.py")],
 }
 
 
@@ -205,18 +206,21 @@ def bench_generate(args, data, work, log_dir):
     rows = []
     # lightseq-generate decodes on the engine on CUDA; FASTPATCH_FAIRSEQ_ENGINE=0 keeps fairseq's
     # decoding loop over the fused layers (the share of the layers alone)
+    # fi-translate: the checkpoint exported and decoded by fastpatch.inference's own beam search
+    # (HF's rules, on the GPU) over fairseq's batches of the same subset (translate_fi.py)
     variants = [("fairseq-generate", "fairseq-generate", None),
                 ("lightseq-generate", "lightseq-generate", None),
                 ("lightseq-generate, layers only", "lightseq-generate",
-                 {"FASTPATCH_FAIRSEQ_ENGINE": "0"})]
+                 {"FASTPATCH_FAIRSEQ_ENGINE": "0"}),
+                ("fi.Transformer (exported)", "fi-translate", None)]
     for batch, subset in ((1, "valid"), (128, "test")):
         reference = None
         for label, command, env in variants:
             flags = [data, "--path", checkpoint, "--gen-subset", subset, "--beam", "4",
-                     "--batch-size", str(batch), "--required-batch-size-multiple", "1",
-                     "--min-len", str(args.min_len), "--max-len-a", "0",
-                     "--max-len-b", str(args.min_len + 10), "--num-workers", "2",
-                     *args.precision_flags]
+                     "--batch-size", str(batch), "--min-len", str(args.min_len),
+                     "--max-len-b", str(args.min_len + 10), *args.precision_flags]
+            if command != "fi-translate":
+                flags += ["--required-batch-size-multiple", "1", "--max-len-a", "0", "--num-workers", "2"]
             tag = f"gen-{label.replace(', ', '-').replace(' ', '_')}-b{batch}"
             try:
                 output = run(command, flags, log_dir, tag, env)
