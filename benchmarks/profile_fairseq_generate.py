@@ -9,7 +9,9 @@ and timed twice over all batches:
 
 * cold: the first pass of a fresh generator (the engine's construction and its graph captures
   included), as a ``fairseq-generate`` process of that many batches pays it;
-* warm: the median of ``--repeats`` later passes.
+* warm: the median of ``--repeats`` later passes;
+* new batches: then one pass over other sentences of the same length range (warm, but batch
+  shapes not seen yet: what per-shape caches such as cuDNN's attention plans cost).
 
 It also gives the share of a warm pass spent inside the model calls (synchronised timers around
 them: this perturbs the overlap of host and device, so the plain wall time is measured apart),
@@ -160,6 +162,7 @@ def main():
         one_pass(generator_for("fairseq"), make_batches(d, 2, 2, lengths, 0, device))
         for batch in args.batch:
             samples = make_batches(d, batch * args.batches, batch, lengths, batch, device)
+            others = make_batches(d, batch * args.batches, batch, lengths, batch + 10 ** 6, device)
             sentences = batch * args.batches
             for path in PATHS:
                 generator = generator_for(path)
@@ -167,11 +170,12 @@ def main():
                 graphs = generator.model.engine().graphs if path == "engine" else None
                 cold_captures = (graphs.captures, graphs.capture_seconds) if graphs else (0, 0.0)
                 warm = statistics.median(one_pass(generator, samples) for _ in range(args.repeats))
+                fresh = one_pass(generator, others)
                 totals = {}
                 with timed_model_calls(generator.model, totals, device):
                     split_wall = one_pass(generator, samples)
                 row = {"batch": batch, "path": path, "sentences": sentences,
-                       "cold_s": cold, "warm_s": warm,
+                       "cold_s": cold, "warm_s": warm, "new_batches_s": fresh,
                        "cold_sentences_per_s": sentences / cold, "warm_sentences_per_s": sentences / warm,
                        "model_share": sum(totals.values()) / split_wall,
                        "model_calls_ms": {k: v * 1e3 for k, v in totals.items()}}
@@ -179,7 +183,8 @@ def main():
                     row.update(cold_captures=cold_captures[0], cold_capture_s=cold_captures[1],
                                captures_after=graphs.captures - cold_captures[0])
                 results["rows"].append(row)
-                print(f"batch {batch}, {path}: cold {cold:.2f} s, warm {warm:.2f} s for {sentences} "
+                print(f"batch {batch}, {path}: cold {cold:.2f} s, warm {warm:.2f} s, new batches "
+                      f"{fresh:.2f} s for {sentences} "
                       f"sentences; model calls {100 * row['model_share']:.0f}% of a pass"
                       + (f"; {cold_captures[0]} graphs captured in {cold_captures[1]:.2f} s cold, "
                          f"{row['captures_after']} after" if graphs is not None else ""), flush=True)
@@ -193,15 +198,17 @@ def main():
                                                     max_name_column_width=48))
     print(f"\nsources {lengths[0]}-{lengths[1]} tokens, beam {args.beam}, min_len {args.min_len}, "
           f"max_len_b {args.max_len_b}, {args.batches} batches a batch size")
-    print("batch  path            cold sent/s  warm sent/s  vs fairseq (cold/warm)  model share  captures")
+    print("batch  path            cold sent/s  warm sent/s  new batches  vs fairseq (cold/warm/new)  "
+          "model share  captures")
     base = {}
     for row in results["rows"]:
         if row["path"] == "fairseq":
             base[row["batch"]] = row
         ref = base[row["batch"]]
         print(f"{row['batch']:>5}  {row['path']:<14} {row['cold_sentences_per_s']:>12.1f} "
-              f"{row['warm_sentences_per_s']:>12.1f}  {ref['cold_s'] / row['cold_s']:>9.2f}x / "
-              f"{ref['warm_s'] / row['warm_s']:.2f}x  {100 * row['model_share']:>10.0f}%  "
+              f"{row['warm_sentences_per_s']:>12.1f} {row['sentences'] / row['new_batches_s']:>12.1f}"
+              f"  {ref['cold_s'] / row['cold_s']:>9.2f}x / {ref['warm_s'] / row['warm_s']:.2f}x / "
+              f"{ref['new_batches_s'] / row['new_batches_s']:.2f}x  {100 * row['model_share']:>10.0f}%  "
               f"{row.get('cold_captures', '-')}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
