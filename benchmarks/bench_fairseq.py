@@ -199,20 +199,26 @@ def parse_generate(output):
                 bleu=float(bleu.group(1)) if bleu else None)
 
 
+# --generate-rows key: (label, command, environment); fairseq-generate always runs first (the
+# base). lightseq-generate decodes on the engine on CUDA; FASTPATCH_FAIRSEQ_ENGINE=0 keeps
+# fairseq's decoding loop over the fused layers (the share of the layers alone); fi-translate is
+# the checkpoint exported and decoded by fastpatch.inference's own beam search (HF's rules, on
+# the GPU) over fairseq's batches of the same subset (translate_fi.py)
+GENERATE_ROWS = {
+    "fairseq": ("fairseq-generate", "fairseq-generate", None),
+    "engine": ("lightseq-generate", "lightseq-generate", None),
+    "layers": ("lightseq-generate, layers only", "lightseq-generate", {"FASTPATCH_FAIRSEQ_ENGINE": "0"}),
+    "fi": ("fi.Transformer (exported)", "fi-translate", None),
+}
+
+
 def bench_generate(args, data, work, log_dir):
     save_dir = os.path.join(work, "gen-model")
     run("fairseq-train", train_flags(data, args, save_dir, False, 1), log_dir, "gen-model")
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     rows = []
-    # lightseq-generate decodes on the engine on CUDA; FASTPATCH_FAIRSEQ_ENGINE=0 keeps fairseq's
-    # decoding loop over the fused layers (the share of the layers alone)
-    # fi-translate: the checkpoint exported and decoded by fastpatch.inference's own beam search
-    # (HF's rules, on the GPU) over fairseq's batches of the same subset (translate_fi.py)
-    variants = [("fairseq-generate", "fairseq-generate", None),
-                ("lightseq-generate", "lightseq-generate", None),
-                ("lightseq-generate, layers only", "lightseq-generate",
-                 {"FASTPATCH_FAIRSEQ_ENGINE": "0"}),
-                ("fi.Transformer (exported)", "fi-translate", None)]
+    keys = ["fairseq"] + [k for k in GENERATE_ROWS if k != "fairseq" and k in args.generate_rows]
+    variants = [GENERATE_ROWS[key] for key in keys]
     for batch, subset in ((1, "valid"), (128, "test")):
         reference = None
         for label, command, env in variants:
@@ -377,6 +383,8 @@ def main():
     parser.add_argument("--parts", nargs="+", default=["train", "generate", "bleu", "ddp"],
                         choices=["train", "generate", "bleu", "ddp"])
     parser.add_argument("--min-len", type=int, default=20, help="generation --min-len")
+    parser.add_argument("--generate-rows", nargs="+", default=list(GENERATE_ROWS),
+                        choices=list(GENERATE_ROWS), help="generate part: which commands run")
     parser.add_argument("--valid-pairs", type=int, default=64,
                         help="synthetic sentences generated at batch 1")
     parser.add_argument("--test-pairs", type=int, default=1024,
