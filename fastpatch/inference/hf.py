@@ -37,9 +37,9 @@ logger = logging.getLogger("fastpatch")
 ENGINE_MODELS = ("GPT2LMHeadModel", "BartForConditionalGeneration")
 
 # GenerationConfig fields the engine honours (the rest must keep their neutral value).
-_HANDLED = {"max_length", "max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p",
-            "length_penalty", "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id",
-            "bos_token_id", "decoder_start_token_id", "output_scores", "return_dict_in_generate",
+_HANDLED = {"max_length", "max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "temperature",
+            "top_k", "top_p", "length_penalty", "early_stopping", "num_return_sequences", "eos_token_id",
+            "pad_token_id", "bos_token_id", "decoder_start_token_id", "output_scores", "return_dict_in_generate",
             "use_cache", "forced_bos_token_id", "forced_eos_token_id", "cache_implementation",
             "cache_config", "compile_config", "disable_compile", "transformers_version",
             "_from_model_config"}

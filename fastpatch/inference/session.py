@@ -60,10 +60,10 @@ class StepGraphs:
         if graph is None:
             began = time.perf_counter()
             graph = self._graphs[key] = StepGraph(step, rows, self.arenas[0].device, version, warmup_slot)
+            seconds = time.perf_counter() - began
             self.captures += 1
-            self.capture_seconds += time.perf_counter() - began
-            logger.debug("fastpatch.inference: captured the step of %s in %.1f ms", key,
-                         1e3 * (time.perf_counter() - began))
+            self.capture_seconds += seconds
+            logger.debug("fastpatch.inference: captured the step of %s in %.1f ms", key, 1e3 * seconds)
         return graph
 
     def __len__(self) -> int:
