@@ -4,7 +4,8 @@ The checkpoint is exported with ``fastpatch.export`` and decoded by the engine's
 (Hugging Face's rules, every step on the GPU, the host checking for the end now and then), over
 the batches ``fairseq-generate`` forms from the same data-bin subset (fairseq's own batch
 iterator, so the same sentences share a batch). It prints what fairseq-generate prints: one
-``H-<id>\\t<score>\\t<text>`` line per sentence and the ``Translated ... sentences/s`` line,
+``H-<id>\\t<score>\\t<text>`` line per sentence (the score is HF's length-penalised natural-log
+probability, where fairseq prints base 2) and the ``Translated ... sentences/s`` line,
 timed the same way (each batch's generation, first batch and graph captures included, model
 loading excluded), so ``bench_fairseq.py`` reads both alike.
 
