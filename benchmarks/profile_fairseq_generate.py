@@ -5,7 +5,7 @@ three models of the same weights: the plain fairseq model, the model after
 ``fastpatch.accelerate`` (fused layers, fairseq's decoding loop), and ``EngineEnsemble`` over
 the accelerated model (what ``lightseq-generate`` runs on CUDA). For each batch size, the
 sentences are cut into batches in length order, left-padded as fairseq's translation task does,
-and timed twice over all batches:
+and every path is timed three ways:
 
 * cold: the first pass of a fresh generator (the engine's construction and its graph captures
   included), as a ``fairseq-generate`` process of that many batches pays it;
