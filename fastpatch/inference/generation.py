@@ -13,6 +13,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .captured_search import captured_beam_search
 from .options import GenerationOptions
 from .sampling import make_generator
 from .search import beam_search, collect_tokens, token_steps
@@ -88,9 +89,13 @@ class GenerativeModel:
             # recorded scores must stop exactly where the search does: check every step then
             check_every = _CUDA_CHECK_EVERY if logits.device.type == "cuda" and not output_scores else 1
             if opts.num_beams > 1:
-                result = beam_search(session, logits, opts, batch, generator, prompt_length=prompt_length,
-                                     fill_value=opts.pad, check_every=check_every,
-                                     record_scores=output_scores)
+                result = None if output_scores else captured_beam_search(
+                    session, logits, opts, batch, prompt_length=prompt_length, fill_value=opts.pad,
+                    check_every=check_every)
+                if result is None:
+                    result = beam_search(session, logits, opts, batch, generator, prompt_length=prompt_length,
+                                         fill_value=opts.pad, check_every=check_every,
+                                         record_scores=output_scores)
                 return GenerationOutput(result.tokens, result.scores, result.beam_indices,
                                         tuple(result.step_scores) if output_scores else None)
             scores = []

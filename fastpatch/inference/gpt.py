@@ -211,7 +211,7 @@ class GptEngine:
         self.arena.repeat_rows(batch, expand, length)
         start = torch.full((padded_rows,), length - 1, dtype=torch.int64, device=self.device)
         start[:rows] = (length - mask.sum(dim=1)).repeat_interleave(expand)
-        session = DecodeSession(self.arena, rows, padded_rows, step, start, length, graph)
+        session = DecodeSession(self.arena, rows, padded_rows, step, start, length, graph, slots)
         return session, logits.repeat_interleave(expand, dim=0)
 
 

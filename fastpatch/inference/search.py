@@ -251,7 +251,10 @@ class BeamSearch:
         cand_indices = _gather(state.running_indices, beam).scatter_(
             2, position, (beam + self.batch_offset).to(torch.int32).unsqueeze(2))
         last = t + 1 >= limit
-        ended = last.expand(batch, self.keep) if self.eos is None else torch.isin(new_token, self.eos) | last
+        if self.eos is None:
+            ended = last.expand(batch, self.keep)
+        else:  # not torch.isin: past a few elements it sorts and syncs, which a capture forbids
+            ended = (new_token.unsqueeze(-1) == self.eos).any(dim=-1) | last
 
         # (b) the K best continuations that did not end keep running
         running_candidates = top_scores + ended.to(torch.float32) * _NEG
@@ -285,8 +288,9 @@ class BeamSearch:
         return BeamAdvance(BeamState(running_tokens, running_indices, running_scores, tokens, indices, scores,
                                      finished, improvable), next_tokens, reorder_index, log_probs)
 
-    def result(self, state: BeamState) -> BeamResult:
-        r = self.options.num_return_sequences
+    def result(self, state: BeamState, num_return_sequences: int) -> BeamResult:
+        """The best ``num_return_sequences`` finished hypotheses of each prompt."""
+        r = num_return_sequences
         tokens = state.tokens[:, :r].reshape(self.batch * r, self.length)
         scores = state.scores[:, :r].reshape(self.batch * r)
         indices = state.indices[:, :r].reshape(self.batch * r, self.length)
@@ -327,6 +331,6 @@ def beam_search(session: DecodeSession, logits: Tensor, options: GenerationOptio
         session.reorder(reorder_index)
         logits = session.step(next_tokens)
         t = t + 1
-    result = search.result(state)
+    result = search.result(state, options.num_return_sequences)
     result.step_scores.extend(step_scores)
     return result

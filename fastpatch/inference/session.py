@@ -9,6 +9,7 @@ from device tensors and has fixed shapes, so one capture per shape bucket serves
 """
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -25,16 +26,38 @@ StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class StepGraph:
-    """A step function captured with its static inputs for ``rows`` rows."""
+    """A step function captured with its static inputs for ``rows`` rows.
+
+    It also keeps the graphs captured around it (``captured_search``: a search step and this
+    decode step in one graph, reading the same static inputs), a few by key, least recently
+    used dropped first: they share its lifetime, since they captured the same cache addresses.
+    """
+
+    MAX_SEARCH_GRAPHS = 8
 
     def __init__(self, step: StepFunction, rows: int, device: torch.device, version: Tuple[int, ...],
-                 warmup_slot: int = 0):
-        self.version = version
+                 warmup_slot: int = 0, owner: Optional["StepGraphs"] = None):
+        self.step, self.rows, self.version, self.owner = step, rows, version, owner
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)
         self.start = torch.zeros(rows, dtype=torch.int64, device=device)
         # the capture's warm-up runs write this cache slot of every row
         self.slot = torch.full((1,), warmup_slot, dtype=torch.int64, device=device)
         self.call = CapturedCall(lambda: step(self.tokens, self.start, self.slot), device)
+        self._searches: "collections.OrderedDict[Tuple, object]" = collections.OrderedDict()
+
+    def search_graph(self, key: Tuple, capture: Callable[[], object]):
+        """The search graph of ``key``, made by ``capture()`` if it is not kept."""
+        graph = self._searches.get(key)
+        if graph is not None:
+            self._searches.move_to_end(key)
+            return graph
+        began = time.perf_counter()
+        graph = self._searches[key] = capture()
+        if self.owner is not None:
+            self.owner.count_capture(key, time.perf_counter() - began)
+        if len(self._searches) > self.MAX_SEARCH_GRAPHS:
+            self._searches.popitem(last=False)
+        return graph
 
 
 class StepGraphs:
@@ -59,12 +82,15 @@ class StepGraphs:
             graph = None
         if graph is None:
             began = time.perf_counter()
-            graph = self._graphs[key] = StepGraph(step, rows, self.arenas[0].device, version, warmup_slot)
-            seconds = time.perf_counter() - began
-            self.captures += 1
-            self.capture_seconds += seconds
-            logger.debug("fastpatch.inference: captured the step of %s in %.1f ms", key, 1e3 * seconds)
+            graph = self._graphs[key] = StepGraph(step, rows, self.arenas[0].device, version, warmup_slot,
+                                                  owner=self)
+            self.count_capture(key, time.perf_counter() - began)
         return graph
+
+    def count_capture(self, key: Tuple, seconds: float) -> None:
+        self.captures += 1
+        self.capture_seconds += seconds
+        logger.debug("fastpatch.inference: captured the step of %s in %.1f ms", key, 1e3 * seconds)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -79,11 +105,13 @@ class DecodeSession:
         step: the step function (run eagerly when ``graph`` is None).
         start: ``[padded_rows]`` first visible slot per row.
         first_slot: the slot the first step writes.
+        slots: the cache slots the step attends over (its shape bucket).
     """
 
     def __init__(self, arena: KVArena, rows: int, padded_rows: int, step: StepFunction, start: Tensor,
-                 first_slot: int, graph: Optional[StepGraph]):
+                 first_slot: int, graph: Optional[StepGraph], slots: int):
         self.arena, self.rows, self.step_function, self.graph = arena, rows, step, graph
+        self.slots = slots
         if graph is None:
             self.tokens = torch.zeros(padded_rows, dtype=torch.int64, device=arena.device)
             self.start = start

@@ -287,7 +287,7 @@ class TransformerEngine:
                  if self.use_cuda_graph else None)
         self._fill_source(self.encode(src, mask, padded), mask, expand, source_slots)
         start = torch.zeros(padded_rows, dtype=torch.int64, device=self.device)
-        session = DecodeSession(self.arena, rows, padded_rows, step, start, 0, graph)
+        session = DecodeSession(self.arena, rows, padded_rows, step, start, 0, graph, slots)
         first = torch.full((rows,), self.spec.decoder_start_token_id, dtype=torch.int64, device=self.device)
         return session, session.step(first)
 

@@ -184,3 +184,28 @@ def test_transformer_fp32_identical_to_hf_and_graph_equals_eager():
             assert torch.equal(a.tokens, b.tokens)
             if kwargs:
                 torch.testing.assert_close(a.scores, hf.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_captured_beam_search_equals_eager_loop_and_hf():
+    """Beam search with each step captured (``captured_search``): translation-style options
+    (minimum length, forced EOS, a different limit per call) at batch 1 and 3."""
+    from inference_models import EOS, bart, right_padded
+
+    model = bart(init_std=0.3, eos_bias=8.0).cuda()
+    graphed = fi.Transformer.from_hf(model)
+    eager = fi.Transformer.from_hf(model, use_cuda_graph=False)
+    for call, (batch, length, kwargs) in enumerate([
+            (1, 9, dict(max_new_tokens=14)),
+            (1, 5, dict(max_new_tokens=20, min_new_tokens=6, forced_eos_token_id=(EOS,), early_stopping=True)),
+            (3, 8, dict(max_new_tokens=11, num_return_sequences=2)),
+            (3, 12, dict(max_new_tokens=16, length_penalty=2.0, early_stopping="never"))]):
+        src, mask = right_padded(97, batch=batch, length=length, seed=call)
+        src, mask = src.cuda(), mask.cuda()
+        hf = model.generate(src, attention_mask=mask, num_beams=4, output_scores=True,
+                            return_dict_in_generate=True, **kwargs)
+        a = graphed.generate(src, mask, num_beams=4, **kwargs)
+        b = eager.generate(src, mask, num_beams=4, **kwargs)
+        assert torch.equal(a.tokens, hf.sequences[:, 1:]), (call, kwargs)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.scores, b.scores), (call, kwargs)
+        torch.testing.assert_close(a.scores, hf.sequences_scores, rtol=1e-4, atol=1e-4)
+    assert sum(len(g._searches) for g in graphed.engine.graphs._graphs.values()) >= 3
