@@ -58,7 +58,11 @@ class CapturedCall:
                 fn()
         current.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the engines capture inside other people's programs, whose threads keep
+        # calling CUDA meanwhile (fairseq's DataLoader pins every batch with cudaHostAlloc on its
+        # pin-memory thread); in the default "global" mode such a call anywhere in the process
+        # invalidates the capture. Our own thread's unsafe calls still fail the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = fn()
 
     def __call__(self):

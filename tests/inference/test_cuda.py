@@ -209,3 +209,42 @@ def test_captured_beam_search_equals_eager_loop_and_hf():
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.scores, b.scores), (call, kwargs)
         torch.testing.assert_close(a.scores, hf.sequences_scores, rtol=1e-4, atol=1e-4)
     assert sum(len(g._searches) for g in graphed.engine.graphs._graphs.values()) >= 3
+
+
+def test_graph_capture_survives_another_thread_pinning_memory():
+    """Regression: lightseq-generate (bf16, H100, 2026-12-07) failed a mid-search capture with
+    cudaErrorStreamCaptureInvalidated while fairseq's DataLoader pinned batches on its own
+    thread: in the default "global" capture mode a cudaHostAlloc anywhere in the process
+    invalidates the capture. The engine captures in "thread_local" mode; this thread pins
+    (and frees, so every pin allocates) host memory all the while the engines capture."""
+    import threading
+
+    empty_host_cache = getattr(torch._C, "_host_emptyCache", lambda: None)
+    stop = threading.Event()
+    pins = [0]
+
+    def pin_memory_thread():
+        size = 1 << 16
+        while not stop.is_set():
+            torch.empty(size, dtype=torch.uint8).pin_memory()
+            empty_host_cache()
+            size = size + 4096 if size < 1 << 22 else 1 << 16
+            pins[0] += 1
+
+    model = _cuda(make_eos_likely(gpt2(), delta=1.0), torch.float32)
+    eager = fi.Gpt.from_hf(model, max_batch_size=8, use_cuda_graph=False)
+    pinning = threading.Thread(target=pin_memory_thread, daemon=True)
+    pinning.start()
+    try:
+        for call in range(6):  # a fresh engine each time: every bucket is captured anew
+            graphed = fi.Gpt.from_hf(model, max_batch_size=8)
+            ids, mask = _batch(101, 1 + call, 4 + call, call)
+            kwargs = dict(num_beams=2) if call % 2 else {}
+            a = graphed.generate(ids, mask, max_new_tokens=12, **kwargs)
+            b = eager.generate(ids, mask, max_new_tokens=12, **kwargs)
+            assert torch.equal(a.tokens, b.tokens), call
+            assert graphed.engine.graphs.captures > 0
+    finally:
+        stop.set()
+        pinning.join()
+    assert pins[0] > 0
