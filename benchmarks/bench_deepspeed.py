@@ -15,7 +15,9 @@ Rows (every one through DeepSpeed's launcher, ZeRO stage and precision from one 
 
 Training data and flags are those of ``bench_fairseq.py``'s train part (synthetic WMT-shaped
 corpus, joined 32k vocabulary, ``--share-all-embeddings --max-tokens 8192``); words/s is the median
-of fairseq's own ``wps`` over the logged intervals after the first (warm-up) ones. With two GPUs
+of fairseq's own ``wps`` over the second half of the logged intervals, and "whole run" counts every
+interval (``bench_fairseq.parse_train``: plain fairseq warms up for ~200 updates, so a short
+run compares warm-up against speed). With two GPUs
 the first two rows also run as two processes (``--num_gpus 2``); otherwise the JSON says not run.
 ``--cpu --smoke`` runs a tiny version on the CPU (checks the script, no timings).
 """
@@ -102,7 +104,8 @@ def report(results):
     env = results["environment"]
     print(f"\n# DeepSpeed launch  device={env.get('device')} torch={env.get('torch')} "
           f"commit={env.get('commit')} date={env.get('date')} {results['config']}")
-    print(f"{'variant':42} {'gpus':>4} {'words/s':>10} {'vs transformer':>15} {'final loss':>10}")
+    print(f"{'variant':42} {'gpus':>4} {'words/s':>10} {'vs transformer':>15} {'whole run':>10} "
+          f"{'final loss':>10}")
     for gpus in sorted({r["gpus"] for r in results["rows"]}):
         rows = [r for r in results["rows"] if r["gpus"] == gpus]
         base = rows[0].get("wps")
@@ -110,7 +113,8 @@ def report(results):
             wps, loss = r.get("wps"), r.get("final_loss")
             ratio = f"{wps / base:5.2f}x" if wps and base else "    -"
             print(f"{r['variant']:42} {gpus:4d} {wps or 0:10.0f} {ratio:>15} "
-                  f"{loss if loss is not None else '-':>10}  {r.get('note', '')[:80]}")
+                  f"{r.get('wps_run') or 0:10.0f} {loss if loss is not None else '-':>10}  "
+                  f"{r.get('note', '')[:80]}")
     if results.get("two_gpus"):
         print(f"two processes: {results['two_gpus']}")
 

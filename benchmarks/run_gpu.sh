@@ -9,12 +9,13 @@
 # Carry the wheel kit as .whl (see ../shared/device/README.md) for fairseq/DeepSpeed.
 # Each stage has a time cap (seconds) so one call fits the device's 10-minute limit:
 #   TESTS_TIMEOUT (default 240), OPS_TIMEOUT (180), MODELS_TIMEOUT (300),
-#   FAIRSEQ_TIMEOUT (420), DEEPSPEED_TIMEOUT (300).
+#   FAIRSEQ_TIMEOUT (420), DEEPSPEED_TIMEOUT (300), PROFILE_TIMEOUT (300).
 # STAGES picks what runs after the build (default "tests ops models inference"; also "fairseq",
-# "deepspeed"), so a session can split the work over calls while the machine stays warm (the
-# in-place build is kept); MODELS_ONLY (e.g. "bert-infer gpt2-train") picks workloads of
-# bench_models.py, FAIRSEQ_PARTS (default "generate bleu") the parts of bench_fairseq.py, and
-# FAIRSEQ_ARGS / DEEPSPEED_ARGS add options (e.g. "--bleu-updates 600", "--updates 100").
+# "deepspeed", "train-profile"), so a session can split the work over calls while the machine
+# stays warm (the in-place build is kept); MODELS_ONLY (e.g. "bert-infer gpt2-train") picks
+# workloads of bench_models.py, FAIRSEQ_PARTS (default "generate bleu") the parts of
+# bench_fairseq.py, and FAIRSEQ_ARGS / DEEPSPEED_ARGS / PROFILE_ARGS add options (e.g.
+# "--bleu-updates 600", "--updates 100", "--rows fairseq lightseq").
 # The device returns at most 8 files of $OUT: the per-command logs of fairseq/DeepSpeed go into
 # one $OUT/logs.tar.gz (re-made after each of those stages, so a call cut short keeps the rest).
 set -uo pipefail
@@ -75,6 +76,10 @@ bench() {  # stage, time cap, options; one process per fairseq command: its logs
 want fairseq && bench fairseq "${FAIRSEQ_TIMEOUT:-420}" --parts ${FAIRSEQ_PARTS:-generate bleu} \
   ${FAIRSEQ_ARGS:-}
 want deepspeed && bench deepspeed "${DEEPSPEED_TIMEOUT:-300}" ${DEEPSPEED_ARGS:-}
+# where a training update's time goes (host vs GPU, top kernels) for fairseq vs lightseq-train
+want train-profile && { timeout "${PROFILE_TIMEOUT:-300}" python3 benchmarks/profile_fairseq_train.py \
+  --out "$OUT" ${PROFILE_ARGS:-} > "$OUT/profile-fairseq-train.log" 2>&1 \
+  || tail -20 "$OUT/profile-fairseq-train.log"; }
 
 echo "== summary ($((SECONDS - start)) s)"
 [ -f "$OUT/cuda-tests.log" ] && echo "cuda tests: $(tail -1 "$OUT/cuda-tests.log")"
@@ -87,5 +92,6 @@ for log in "$OUT"/bench_fairseq.log "$OUT"/bench_deepspeed.log; do
   else echo "$(basename "$log"): no table (cut by its time cap?), per command:"
     grep -E '^(== |  \[|generate |bleu |train |ddp |deepspeed )' "$log"; fi
 done
+[ -f "$OUT/profile-fairseq-train.log" ] && sed -n '/^# /,$p' "$OUT/profile-fairseq-train.log" | head -60
 [ -f "$OUT/logs.tar.gz" ] && echo "(one log per fairseq/DeepSpeed command: $OUT/logs.tar.gz)"
 exit $tests_rc
