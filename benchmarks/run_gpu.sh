@@ -50,7 +50,8 @@ tests_rc=0
 if want tests; then
 echo "== cuda tests"
 # -v: a stage cut by its time cap still leaves the name and verdict of every test that ran
-timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -v -rfE --tb=short --durations=10 -m cuda \
+# SIGINT at the cap: pytest then stops as on Ctrl-C and still prints the failures so far
+timeout -s INT -k 20 "${TESTS_TIMEOUT:-240}" python3 -m pytest -v -rfE --tb=short --durations=10 -m cuda \
   -p no:cacheprovider ${1:+-k "$1"} tests --junitxml="$OUT/cuda-tests.xml" > "$OUT/cuda-tests.log" 2>&1
 tests_rc=$?
 grep -E "^(FAILED|ERROR)" "$OUT/cuda-tests.log" | head -40

@@ -1,5 +1,6 @@
 """fi.Gpt / fi.Bert on the GPU: graph-replayed decoding, half precision, memory stability."""
 import copy
+import gc
 
 import pytest
 import torch
@@ -82,13 +83,19 @@ def test_no_memory_growth_across_1000_calls():
     for ids, mask in prompts:  # capture every bucket the loop will use
         engine.sample(ids, mask, max_new_tokens=8)
         engine.sample(ids, mask, max_new_tokens=8, num_beams=2)
+    # garbage awaiting the cycle collector is not growth: count what is still referenced
+    gc.collect()
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    before, captures = torch.cuda.memory_allocated(), engine.engine.graphs.captures
     for i in range(1000):
         ids, mask = prompts[i % len(prompts)]
         engine.sample(ids, mask, max_new_tokens=8, **({"num_beams": 2} if i % 5 == 0 else {}))
+    gc.collect()
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == before
+    grew = torch.cuda.memory_allocated() - before
+    # (failed once on an H100 at 7c1a342 and passed on the next call: the message says why)
+    assert grew == 0, (f"allocated memory grew by {grew} bytes; graphs captured during the "
+                       f"loop: {engine.engine.graphs.captures - captures}")
 
 
 def test_streaming_on_cuda_yields_the_generated_tokens():
