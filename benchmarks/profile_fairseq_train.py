@@ -101,7 +101,7 @@ def profile_child(row: str, flags, skip: int, updates: int, out_json: str) -> No
         return output
 
     fairseq_trainer.Trainer.train_step = train_step
-    label, command, _ = TRAIN_ROWS[row]
+    command = TRAIN_ROWS[row][1]
     if command == "lightseq-train":
         from fastpatch.integrations.fairseq.cli import train
 
