@@ -19,6 +19,7 @@ from ..layers.functional import layer_norm
 from ..ops._dispatch import prepare_dispatch
 from . import checkpoint
 from .blocks import EncoderLayer, encoder_layer, encoder_layer_shapes, norm
+from .exclusive import guard_of
 from .graphs import CapturedCall, bucket, graphs_available
 from .inputs import token_batch
 
@@ -165,7 +166,8 @@ class Bert:
     def infer(self, input_ids, attention_mask=None, token_type_ids=None) -> EncoderOutput:
         """Encode ``input_ids [B, L]`` (tensor or rectangular list; ``attention_mask`` 0 = padding,
         any side). Returns the last hidden states ``[B, L, H]`` and the pooled ``[B, H]``."""
-        with torch.inference_mode():
+        # one call at a time: the graphs' static inputs are the engine's (see exclusive)
+        with guard_of(self).hold(), torch.inference_mode():
             batch = token_batch(input_ids, attention_mask, vocab_size=self.spec.vocab_size,
                                 max_batch_size=self.max_batch_size, device=self.device,
                                 type_ids=token_type_ids, type_vocab_size=self.spec.type_vocab_size,

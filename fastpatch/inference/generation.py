@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .captured_search import captured_beam_search
+from .exclusive import guard_of
 from .options import GenerationOptions
 from .sampling import make_generator
 from .search import beam_search, collect_tokens, token_steps
@@ -82,7 +83,8 @@ class GenerativeModel:
         opts = self._options(options)
         if opts.num_beams > 1 and streamer is not None:
             raise ValueError("streamer needs num_beams=1: beam hypotheses change until the end")
-        with torch.inference_mode():
+        # one call at a time: the cache and the graphs' static buffers are the engine's (see exclusive)
+        with guard_of(self).hold(), torch.inference_mode():
             expand = opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences
             session, logits, batch, prompt_length = self._start(input_ids, attention_mask, opts, expand)
             generator = make_generator(opts, logits.device)
@@ -119,22 +121,27 @@ class GenerativeModel:
 
     def stream(self, input_ids, attention_mask=None, **options) -> Iterator[Tensor]:
         """Yield each step's ``[B * num_return_sequences]`` new tokens (on the CPU) as soon as they
-        exist; stops when every row has produced an EOS or at ``max_new_tokens``."""
+        exist; stops when every row has produced an EOS or at ``max_new_tokens``. Until the
+        iterator is exhausted or closed it holds the engine: calls from other threads wait, and
+        a call from this thread raises ``RuntimeError``."""
         opts = self._options(options)
         if opts.num_beams > 1:
             raise ValueError("stream needs num_beams=1: beam hypotheses change until the end")
-        # inference mode is entered per step, never held across a yield (it is thread state the
-        # caller's code between two tokens must not inherit)
-        with torch.inference_mode():
-            session, logits, _, prompt_length = self._start(input_ids, attention_mask, opts,
-                                                            opts.num_return_sequences)
-            steps = token_steps(session, logits, opts, make_generator(opts, logits.device), prompt_length)
-        while True:
+        # The engine is held from the first token until the iterator is exhausted or closed
+        # (other threads' calls wait; this thread's raise). Inference mode is entered per step,
+        # never held across a yield: it is thread state the caller's code between two tokens
+        # must not inherit.
+        with guard_of(self).hold():
             with torch.inference_mode():
-                step = next(steps, None)
-                if step is None:
+                session, logits, _, prompt_length = self._start(input_ids, attention_mask, opts,
+                                                                opts.num_return_sequences)
+                steps = token_steps(session, logits, opts, make_generator(opts, logits.device), prompt_length)
+            while True:
+                with torch.inference_mode():
+                    step = next(steps, None)
+                    if step is None:
+                        return
+                    tokens, done = step.tokens.cpu(), opts.eos_token_id and not bool(step.unfinished.any())
+                yield tokens
+                if done:
                     return
-                tokens, done = step.tokens.cpu(), opts.eos_token_id and not bool(step.unfinished.any())
-            yield tokens
-            if done:
-                return

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..inference.exclusive import guard_of
 from ..layers import KVCache, TransformerDecoderLayer
 from . import generation
 from .config import LSConfig, _require, get_config
@@ -150,16 +151,18 @@ class LSTransformer(nn.Module):
             ``nbest > 1``: ``(tokens [B, nbest, T], scores [B, nbest])``, best first.
         """
         bos_idx = eos_idx if bos_idx is None else bos_idx
-        was_training = self.training
-        self.eval()
-        try:
-            if beam_size == 1 and nbest == 1:
-                return generation.greedy_search(self, src_tokens, eos_idx=eos_idx,
-                                                bos_idx=bos_idx, max_len=max_len,
-                                                use_engine=use_engine)
-            return generation.beam_search(self, src_tokens, beam_size=beam_size, eos_idx=eos_idx,
-                                          bos_idx=bos_idx, max_len=max_len,
-                                          length_penalty=length_penalty, nbest=nbest,
-                                          use_engine=use_engine)
-        finally:
-            self.train(was_training)
+        # one call at a time: the engine's caches (and the train/eval flag) are the model's
+        with guard_of(self).hold():
+            was_training = self.training
+            self.eval()
+            try:
+                if beam_size == 1 and nbest == 1:
+                    return generation.greedy_search(self, src_tokens, eos_idx=eos_idx,
+                                                    bos_idx=bos_idx, max_len=max_len,
+                                                    use_engine=use_engine)
+                return generation.beam_search(self, src_tokens, beam_size=beam_size, eos_idx=eos_idx,
+                                              bos_idx=bos_idx, max_len=max_len,
+                                              length_penalty=length_penalty, nbest=nbest,
+                                              use_engine=use_engine)
+            finally:
+                self.train(was_training)

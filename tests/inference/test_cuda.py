@@ -255,3 +255,35 @@ def test_graph_capture_survives_another_thread_pinning_memory():
     assert held, "the pinning thread did not run"
     held.clear()
     getattr(torch._C, "_host_emptyCache", lambda: None)()  # give the pinned memory back
+
+
+def test_concurrent_calls_from_threads_give_the_sequential_results():
+    """Threads sharing one engine (a server's pool): each call gets its own result, although
+    the cache and the graphs' static buffers are shared (the engine takes one call at a time)."""
+    import threading
+
+    gpt = fi.Gpt.from_hf(_cuda(gpt2(), torch.float16), max_batch_size=4)
+    encoder = fi.Bert.from_hf(_cuda(bert(), torch.float16), max_batch_size=4)
+    # ids below both vocabularies (GPT-2 101, BERT 99)
+    prompts = [_batch(99, 1 + i % 4, 3 + i, i) for i in range(6)]
+    expected = [gpt.sample(ids, mask, max_new_tokens=10, **({"num_beams": 2} if i % 2 else {}))
+                for i, (ids, mask) in enumerate(prompts)]
+    encoded = [encoder.infer(ids, mask).last_hidden_state for ids, mask in prompts]
+    errors = []
+
+    def work(i):
+        try:
+            ids, mask = prompts[i]
+            for _ in range(5):
+                got = gpt.sample(ids, mask, max_new_tokens=10, **({"num_beams": 2} if i % 2 else {}))
+                assert torch.equal(got, expected[i]), i
+                assert torch.equal(encoder.infer(ids, mask).last_hidden_state, encoded[i]), i
+        except BaseException as exc:  # noqa: BLE001 (reported in the test's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
