@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import FUSED_ATTR, bypassed_submodule, fused_subclass, is_accelerated
+from .exclusive import guard_of
 from .routing import EngineState
 
 logger = logging.getLogger("fastpatch")
@@ -162,7 +163,8 @@ def _run(model, input_ids: Tensor, attention_mask: Optional[Tensor],
     except ValueError as exc:
         return f"inputs the engine does not take ({exc})"
     types = torch.zeros_like(batch.ids) if batch.types is None else batch.types
-    hidden, pooled = bert.engine.run(batch.ids, types, batch.mask if batch.padded else None)
+    with guard_of(bert).hold():  # one forward at a time on the graphs' static inputs
+        hidden, pooled = bert.engine.run(batch.ids, types, batch.mask if batch.padded else None)
     if not return_dict:
         return (hidden,) if pooled is None else (hidden, pooled)
     return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden,

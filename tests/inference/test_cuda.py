@@ -269,6 +269,13 @@ def test_concurrent_calls_from_threads_give_the_sequential_results():
     expected = [gpt.sample(ids, mask, max_new_tokens=10, **({"num_beams": 2} if i % 2 else {}))
                 for i, (ids, mask) in enumerate(prompts)]
     encoded = [encoder.infer(ids, mask).last_hidden_state for ids, mask in prompts]
+    accelerated = fastpatch.accelerate(_cuda(bert(), torch.float16))  # its forward replays graphs
+
+    def forward(ids, mask):
+        with torch.no_grad():
+            return accelerated(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    forwarded = [forward(ids, mask) for ids, mask in prompts]
     errors = []
 
     def work(i):
@@ -278,6 +285,7 @@ def test_concurrent_calls_from_threads_give_the_sequential_results():
                 got = gpt.sample(ids, mask, max_new_tokens=10, **({"num_beams": 2} if i % 2 else {}))
                 assert torch.equal(got, expected[i]), i
                 assert torch.equal(encoder.infer(ids, mask).last_hidden_state, encoded[i]), i
+                assert torch.equal(forward(ids, mask), forwarded[i]), i
         except BaseException as exc:  # noqa: BLE001 (reported in the test's thread)
             errors.append(exc)
 
