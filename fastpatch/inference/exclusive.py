@@ -3,9 +3,9 @@
 An engine's KV cache, the static inputs of its captured graphs and their outputs serve one call
 at a time. A server that calls ``m.infer`` from a thread pool would otherwise interleave two
 calls on the same cache and return wrong tokens without any error. So calls from other threads
-wait their turn. A call from the thread that already holds the engine (a generator from
-``stream()`` that is not finished, with ``generate`` called between two of its tokens) raises
-instead, because waiting on itself would never end.
+wait their turn. A call from the thread that already holds the engine (``generate`` between two
+tokens of an unfinished ``stream()``, or from inside a streamer callback) raises instead,
+because waiting on itself would never end.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class EngineGuard:
         if self._owner == me:
             raise RuntimeError(
                 f"{self.what} is already decoding in this thread: an unfinished stream() holds its "
-                f"cache. Exhaust or close() that iterator before the next call")
+                f"cache (exhaust or close() that iterator first), or this call comes from inside "
+                f"a streamer callback of the running one")
         with self._lock:
             self._owner = me
             try:
