@@ -46,7 +46,8 @@ class EngineGuard:
 
 def guard_of(engine_holder: object) -> EngineGuard:
     """The guard of ``engine_holder`` (an ``fi.Gpt`` / ``fi.Transformer`` / ``fi.Bert``, an
-    ``LSTransformer``), made on first use. ``dict.setdefault`` is atomic, so two threads racing here get the same guard."""
+    ``LSTransformer``), made on first use. ``dict.setdefault`` is atomic, so two threads racing
+    here get the same guard."""
     guard = engine_holder.__dict__.get("_engine_guard")
     if guard is None:
         guard = engine_holder.__dict__.setdefault("_engine_guard", EngineGuard(type(engine_holder).__name__))
