@@ -73,7 +73,8 @@ def profile_child(row: str, flags, skip: int, updates: int, out_json: str) -> No
 
     original = fairseq_trainer.Trainer.train_step
     cuda = torch.cuda.is_available() and "--cpu" not in flags
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    activity = torch.profiler.ProfilerActivity
+    activities = [activity.CPU] + ([activity.CUDA] if cuda else [])
     state = dict(calls=0, inside=0.0)
 
     def sync():
