@@ -62,7 +62,10 @@ class CapturedCall:
         # calling CUDA meanwhile (fairseq's DataLoader pins every batch with cudaHostAlloc on its
         # pin-memory thread); in the default "global" mode such a call anywhere in the process
         # invalidates the capture. Our own thread's unsafe calls still fail the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # stream=side, a stream of the engine's device: torch.cuda.graph's default capture stream
+        # is made once per process, on whichever device was current at its first capture, and
+        # the kernels of an engine on another device would not be recorded in it.
+        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
             self.output = fn()
 
     def __call__(self):
