@@ -260,7 +260,7 @@ def test_graph_capture_survives_another_thread_pinning_memory():
 def test_concurrent_calls_from_threads_give_the_sequential_results():
     """Threads sharing one engine (a server's pool): each call gets its own result, although
     the cache and the graphs' static buffers are shared (the engine takes one call at a time)."""
-    import threading
+    from concurrency import run_in_threads
 
     gpt = fi.Gpt.from_hf(_cuda(gpt2(), torch.float16), max_batch_size=4)
     encoder = fi.Bert.from_hf(_cuda(bert(), torch.float16), max_batch_size=4)
@@ -276,22 +276,13 @@ def test_concurrent_calls_from_threads_give_the_sequential_results():
             return accelerated(input_ids=ids, attention_mask=mask).last_hidden_state
 
     forwarded = [forward(ids, mask) for ids, mask in prompts]
-    errors = []
 
     def work(i):
-        try:
-            ids, mask = prompts[i]
-            for _ in range(5):
-                got = gpt.sample(ids, mask, max_new_tokens=10, **({"num_beams": 2} if i % 2 else {}))
-                assert torch.equal(got, expected[i]), i
-                assert torch.equal(encoder.infer(ids, mask).last_hidden_state, encoded[i]), i
-                assert torch.equal(forward(ids, mask), forwarded[i]), i
-        except BaseException as exc:  # noqa: BLE001 (reported in the test's thread)
-            errors.append(exc)
+        ids, mask = prompts[i]
+        for _ in range(5):
+            got = gpt.sample(ids, mask, max_new_tokens=10, **({"num_beams": 2} if i % 2 else {}))
+            assert torch.equal(got, expected[i]), i
+            assert torch.equal(encoder.infer(ids, mask).last_hidden_state, encoded[i]), i
+            assert torch.equal(forward(ids, mask), forwarded[i]), i
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors[0]
+    run_in_threads(work, len(prompts))

@@ -10,28 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 import fastpatch.inference as fi  # noqa: E402
 from fastpatch.inference.exclusive import EngineGuard  # noqa: E402
+from concurrency import run_in_threads  # noqa: E402
 from inference_models import bert, gpt2, left_padded  # noqa: E402
-
-
-def _run_threads(work, count):
-    """``work(i)`` on ``count`` threads started together; re-raises the first error."""
-    errors, barrier = [], threading.Barrier(count)
-
-    def body(i):
-        try:
-            barrier.wait()
-            work(i)
-        except BaseException as exc:  # noqa: BLE001 (reported below, in the test's thread)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a thread is stuck"
-    if errors:
-        raise errors[0]
 
 
 def test_concurrent_generate_calls_give_the_sequential_results():
@@ -40,15 +20,13 @@ def test_concurrent_generate_calls_give_the_sequential_results():
     kwargs = [dict(), dict(num_beams=2), dict(do_sample=True, top_k=5, seed=3)]
     expected = [engine.sample(ids, mask, max_new_tokens=10, **kwargs[i % 3])
                 for i, (ids, mask) in enumerate(prompts)]
-    got = [None] * len(prompts)
 
     def work(i):
         for _ in range(3):
             ids, mask = prompts[i]
-            got[i] = engine.sample(ids, mask, max_new_tokens=10, **kwargs[i % 3])
-            assert torch.equal(got[i], expected[i]), i
+            assert torch.equal(engine.sample(ids, mask, max_new_tokens=10, **kwargs[i % 3]), expected[i]), i
 
-    _run_threads(work, len(prompts))
+    run_in_threads(work, len(prompts))
 
 
 def test_concurrent_bert_infer_calls_give_the_sequential_results():
@@ -64,7 +42,7 @@ def test_concurrent_bert_infer_calls_give_the_sequential_results():
             torch.testing.assert_close(engine.infer(ids, mask).last_hidden_state, expected[i],
                                        rtol=0, atol=0)
 
-    _run_threads(work, len(batches))
+    run_in_threads(work, len(batches))
 
 
 def test_generate_inside_an_unfinished_stream_of_the_same_thread_raises():

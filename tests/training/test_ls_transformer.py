@@ -334,29 +334,21 @@ def test_generate_from_threads_gives_the_sequential_results_and_the_model_still_
     """``LSTransformer.generate`` holds the model (its engine's caches, the train/eval flag) for
     one call at a time; the lock it keeps does not stop ``copy.deepcopy``."""
     import copy
-    import threading
+
+    from concurrency import run_in_threads
 
     model = eos_likely_model(True)
     sources = [copy_batch(torch.Generator().manual_seed(20 + i), batch=2 + i)[0] for i in range(4)]
     kwargs = [dict(), dict(beam_size=3)] * 2
     expected = [model.generate(src, EOS, max_len=10, use_engine=True, **kw)[0]
                 for src, kw in zip(sources, kwargs)]
-    errors = []
 
     def work(i):
-        try:
-            for _ in range(3):
-                got = model.generate(sources[i], EOS, max_len=10, use_engine=True, **kwargs[i])[0]
-                assert torch.equal(got, expected[i]), i
-        except BaseException as exc:  # noqa: BLE001 (reported in the test's thread)
-            errors.append(exc)
+        for _ in range(3):
+            got = model.generate(sources[i], EOS, max_len=10, use_engine=True, **kwargs[i])[0]
+            assert torch.equal(got, expected[i]), i
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(sources))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors[0]
+    run_in_threads(work, len(sources))
     twin = copy.deepcopy(model)
     assert torch.equal(twin.generate(sources[0], EOS, max_len=10, use_engine=True)[0], expected[0])
 
