@@ -134,7 +134,6 @@ def main():
     args.precision_flags = [] if args.precision == "fp32" else [f"--{args.precision}"]
     if args.cpu:
         args.precision_flags.append("--cpu")
-    args.log_interval = 10
     total = args.skip_updates + args.profile_updates
 
     if args.child:
