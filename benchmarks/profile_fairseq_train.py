@@ -7,17 +7,21 @@ bench_fairseq.py measured both commands at ~125k words/s on an H100 (2026-12-07,
 updates): about 65 ms an update, where the model's ~3 TFLOP an update would take the GPU ~10 ms.
 This runs each command as bench_fairseq.py does (same synthetic corpus and flags, one process
 each), lets it train ``--skip-updates`` updates (past plain fairseq's ~200-update warm-up), then
-records ``--profile-updates`` updates with ``torch.profiler`` around fairseq's own
-``Trainer.train_step`` and prints, per update: wall time, host time inside ``train_step``, GPU
-kernel time (busy share of the wall), kernels, host-device syncs; then each row's top device
-kernels and top host ops. A GPU mostly idle between kernels says the update is bound by the
-host (Python and launches), a busy one names the kernels to work on.
+measures three windows of ``--profile-updates`` updates around fairseq's own
+``Trainer.train_step``: unprofiled (wall time an update), under ``torch.profiler`` (host time
+inside ``train_step``, GPU kernel time and its busy share, kernels, host-device syncs, top
+kernels and top host ops) and under ``cProfile`` (the Python functions the host time goes to,
+which the op tables do not show: ``module.train()``, seeding, per-parameter loops). A GPU
+mostly idle between kernels says the update is bound by the host, a busy one names the kernels
+to work on.
 
 ``--cpu --smoke`` runs a tiny version on the CPU (checks the script; no device numbers).
 """
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -66,9 +70,28 @@ def summarize(prof, updates: int, wall_s: float, inside_s: float, rows: int = 12
                   for e in top_host[:rows]])
 
 
+def python_hotspots(stats: pstats.Stats, updates: int, rows: int = 25) -> list:
+    """The functions with the most cumulative time an update, as (``file:line(name)``, ms, calls).
+
+    Only Python frames are kept (fairseq's trainer, the model's modules, the optimizer): the
+    host time that ``torch.profiler``'s op tables do not show (``module.train()``, seeding,
+    config lookups, per-parameter loops)."""
+    entries = []
+    for (filename, line, name), (_, calls, _, cumulative, _) in stats.stats.items():
+        # built-ins, generated code, and this script's own wrapper
+        if filename.startswith("~") or "<" in filename or filename == os.path.abspath(__file__):
+            continue
+        short = "/".join(filename.split("/")[-3:])
+        entries.append((f"{short}:{line}({name})"[:90], round(1e3 * cumulative / updates, 3),
+                        round(calls / updates, 1)))
+    return sorted(entries, key=lambda e: e[1], reverse=True)[:rows]
+
+
 def profile_child(row: str, flags, skip: int, updates: int, out_json: str) -> None:
-    """Run the training command of ``row`` in this process, profiling updates
-    ``skip + 1 .. skip + updates`` inside fairseq's ``Trainer.train_step``."""
+    """Run the training command of ``row`` in this process and measure three windows of
+    ``updates`` updates each, after ``skip``, inside fairseq's ``Trainer.train_step``:
+    unprofiled (the wall time an update), under ``torch.profiler`` (ops and kernels), and under
+    ``cProfile`` (Python functions)."""
     from fairseq import trainer as fairseq_trainer
 
     original = fairseq_trainer.Trainer.train_step
@@ -76,6 +99,7 @@ def profile_child(row: str, flags, skip: int, updates: int, out_json: str) -> No
     activity = torch.profiler.ProfilerActivity
     activities = [activity.CPU] + ([activity.CUDA] if cuda else [])
     state = dict(calls=0, inside=0.0)
+    plain_end, torch_end, python_end = skip + updates, skip + 2 * updates, skip + 3 * updates
 
     def sync():
         if cuda:
@@ -83,22 +107,36 @@ def profile_child(row: str, flags, skip: int, updates: int, out_json: str) -> No
 
     def train_step(self, samples, *args, **kwargs):
         state["calls"] += 1
-        if state["calls"] == skip + 1:
+        calls = state["calls"]
+        if calls in (skip + 1, plain_end + 1, torch_end + 1):
             sync()
-            state["prof"] = torch.profiler.profile(activities=activities)
-            state["prof"].__enter__()
+            if calls == plain_end + 1:
+                state["prof"] = torch.profiler.profile(activities=activities)
+                state["prof"].__enter__()
+            elif calls == torch_end + 1:
+                state["python"] = cProfile.Profile()
+                state["python"].enable()
             state["began"] = time.perf_counter()
         began = time.perf_counter()
         output = original(self, samples, *args, **kwargs)
-        if "prof" in state:
+        if plain_end < calls <= torch_end:
             state["inside"] += time.perf_counter() - began
-        if state["calls"] == skip + updates:
+        if calls in (plain_end, torch_end, python_end):
             sync()
             wall = time.perf_counter() - state["began"]
-            prof = state.pop("prof")
-            prof.__exit__(None, None, None)
-            with open(out_json, "w") as f:
-                json.dump(dict(row=row, **summarize(prof, updates, wall, state["inside"])), f)
+            if calls == plain_end:
+                state["plain_wall_ms"] = round(1e3 * wall / updates, 2)
+            elif calls == torch_end:
+                prof = state.pop("prof")
+                prof.__exit__(None, None, None)
+                state["summary"] = summarize(prof, updates, wall, state["inside"])
+            else:
+                state["python"].disable()
+                hotspots = python_hotspots(pstats.Stats(state.pop("python")), updates)
+                with open(out_json, "w") as f:
+                    json.dump(dict(row=row, plain_wall_ms=state["plain_wall_ms"],
+                                   python_wall_ms=round(1e3 * wall / updates, 2),
+                                   **state["summary"], top_python=hotspots), f)
         return output
 
     fairseq_trainer.Trainer.train_step = train_step
@@ -134,7 +172,7 @@ def main():
     args.precision_flags = [] if args.precision == "fp32" else [f"--{args.precision}"]
     if args.cpu:
         args.precision_flags.append("--cpu")
-    total = args.skip_updates + args.profile_updates
+    total = args.skip_updates + 3 * args.profile_updates
 
     if args.child:
         work = os.path.dirname(args.child_json)
@@ -181,12 +219,14 @@ def report(results):
     env, config = results["environment"], results["config"]
     print(f"\n# fairseq training profile  device={env.get('device')} torch={env.get('torch')} "
           f"commit={env.get('commit')} date={env.get('date')} {config}")
+    # wall: unprofiled; the other columns come from the torch.profiler window (its own wall
+    # time, slowed by the profiler, is the base of "busy")
     print(f"{'per update':22} {'wall ms':>8} {'host in step':>12} {'GPU ms':>8} {'busy':>6} "
           f"{'kernels':>8} {'syncs':>6}")
     good = [r for r in results["rows"] if "error" not in r]
     for r in good:
         busy = f"{100 * r['device_busy']:5.1f}%" if r.get("device_busy") is not None else "-"
-        print(f"{r['row']:22} {r['wall_ms']:8.2f} {r['train_step_host_ms']:12.2f} {r['device_ms']:8.2f} "
+        print(f"{r['row']:22} {r['plain_wall_ms']:8.2f} {r['train_step_host_ms']:12.2f} {r['device_ms']:8.2f} "
               f"{busy:>6} {r['kernels']:8.1f} {r['syncs']:6.1f}")
     for r in good:
         print(f"\n{r['row']}: top device time (ms an update, calls an update)")
@@ -194,6 +234,10 @@ def report(results):
             print(f"  {ms:8.3f} {calls:7.1f}  {name}")
         print(f"{r['row']}: top host self time")
         for name, ms, calls in r["top_host"]:
+            print(f"  {ms:8.3f} {calls:7.1f}  {name}")
+        print(f"{r['row']}: top Python functions, cumulative (under cProfile: "
+              f"{r['python_wall_ms']:.2f} ms an update)")
+        for name, ms, calls in r["top_python"]:
             print(f"  {ms:8.3f} {calls:7.1f}  {name}")
 
 
