@@ -49,7 +49,9 @@ def print_table(env, rows):
     keyed = {}
     for r in rows:
         keyed.setdefault((r["op"], r["shape"], r["dtype"]), {})[r["variant"]] = r
-    print(f"{'op':34} {'shape':28} {'dtype':9} {'eager':>8} {'compile':>8} {'fused':>8} {'x eager':>8} {'x comp':>7} {'mem f/e':>8}")
+    # kernels e/c/f: GPU kernel time of one call per variant; far below the wall time = host-bound
+    print(f"{'op':34} {'shape':28} {'dtype':9} {'eager':>8} {'compile':>8} {'fused':>8} {'x eager':>8} "
+          f"{'x comp':>7} {'mem f/e':>8}  kernels e/c/f")
     for (op, shape, dtype), v in keyed.items():
         def ms(k):
             return v.get(k, {}).get("ms")
@@ -58,7 +60,10 @@ def print_table(env, rows):
         sp = lambda a, b: f"{a / b:7.2f}x" if a and b else "      -"
         pe, pf = v.get("eager", {}).get("peak_mb"), v.get("fastpatch", {}).get("peak_mb")
         mem = f"{pf / pe:7.2f}" if pe and pf else "      -"
-        print(f"{op[:34]:34} {shape[:28]:28} {dtype:9} {fmt(e)} {fmt(c)} {fmt(f)} {sp(e, f)} {sp(c, f)} {mem}")
+        kernels = "/".join(f"{v[k]['kernel_ms']:.3f}" if v.get(k, {}).get("kernel_ms") else "-"
+                           for k in ("eager", "compile", "fastpatch"))
+        print(f"{op[:34]:34} {shape[:28]:28} {dtype:9} {fmt(e)} {fmt(c)} {fmt(f)} {sp(e, f)} {sp(c, f)} {mem}"
+              f"  {kernels}")
     for r in rows:
         if r["note"].startswith("failed"):
             print(f"  ! {r['op']} {r['shape']} {r['variant']}: {r['note']}")

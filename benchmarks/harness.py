@@ -44,6 +44,21 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 50, rep_ms: float = 300
         return sorted(times)[len(times) // 2]
 
 
+def kernel_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """GPU kernel time of one call (device time of every kernel, summed, over ``calls`` calls).
+
+    Set beside :func:`time_ms`, it says what bounds a variant: a wall time well above the kernel
+    time is host time (Python, dispatch, launches) the GPU waits through."""
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+    return total_us / 1e3 / calls
+
+
 def peak_memory_mb(fn: Callable[[], object]) -> float:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -62,7 +77,7 @@ def run_case(case: Case) -> List[dict]:
             ms = time_ms(fn)
             mem = peak_memory_mb(fn)
             rows.append(dict(op=case.op, shape=case.shape, dtype=case.dtype, variant=name,
-                             ms=ms, peak_mb=mem, note=case.note))
+                             ms=ms, kernel_ms=kernel_ms(fn), peak_mb=mem, note=case.note))
         except Exception as exc:  # a failing variant is reported, not fatal to the run
             rows.append(dict(op=case.op, shape=case.shape, dtype=case.dtype, variant=name,
                              ms=None, peak_mb=None, note=f"failed: {type(exc).__name__}: {exc}"[:300]))
