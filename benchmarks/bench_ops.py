@@ -64,6 +64,13 @@ def print_table(env, rows):
                            for k in ("eager", "compile", "fastpatch"))
         print(f"{op[:34]:34} {shape[:28]:28} {dtype:9} {fmt(e)} {fmt(c)} {fmt(f)} {sp(e, f)} {sp(c, f)} {mem}"
               f"  {kernels}")
+    # where the fused variant's GPU time goes, for the rows slower than eager or compile
+    for (op, shape, dtype), v in keyed.items():
+        f = v.get("fastpatch", {})
+        rivals = [v.get(k, {}).get("ms") for k in ("eager", "compile")]
+        if f.get("ms") and f.get("top_kernels") and any(r and r < f["ms"] for r in rivals):
+            kernels = "; ".join(f"{name[:48]} {ms:.3f} x{count:g}" for name, ms, count in f["top_kernels"][:4])
+            print(f"  slower: {op} {shape} {dtype}: kernels {f['kernel_ms']:.3f} of {f['ms']:.3f} ms: {kernels}")
     for r in rows:
         if r["note"].startswith("failed"):
             print(f"  ! {r['op']} {r['shape']} {r['variant']}: {r['note']}")

@@ -44,19 +44,24 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 50, rep_ms: float = 300
         return sorted(times)[len(times) // 2]
 
 
-def kernel_ms(fn: Callable[[], object], calls: int = 10) -> float:
-    """GPU kernel time of one call (device time of every kernel, summed, over ``calls`` calls).
+def kernel_times(fn: Callable[[], object], calls: int = 10, top: int = 6) -> tuple[float, list]:
+    """GPU kernel time of one call (device time of every kernel, summed, over ``calls`` calls),
+    and the ``top`` kernels as ``(name, ms a call, launches a call)``.
 
     Set beside :func:`time_ms`, it says what bounds a variant: a wall time well above the kernel
-    time is host time (Python, dispatch, launches) the GPU waits through."""
+    time is host time (Python, dispatch, launches) the GPU waits through; the top kernels say
+    which one to work on otherwise."""
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
-    return total_us / 1e3 / calls
+    kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0.0) > 0]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / calls
+    return total_ms, [(e.key[:100], round(e.self_device_time_total / 1e3 / calls, 4),
+                       round(e.count / calls, 1)) for e in kernels[:top]]
 
 
 def peak_memory_mb(fn: Callable[[], object]) -> float:
@@ -76,8 +81,10 @@ def run_case(case: Case) -> List[dict]:
             fn()  # compile / JIT outside the timing
             ms = time_ms(fn)
             mem = peak_memory_mb(fn)
+            kernel_ms, top_kernels = kernel_times(fn)
             rows.append(dict(op=case.op, shape=case.shape, dtype=case.dtype, variant=name,
-                             ms=ms, kernel_ms=kernel_ms(fn), peak_mb=mem, note=case.note))
+                             ms=ms, kernel_ms=kernel_ms, top_kernels=top_kernels, peak_mb=mem,
+                             note=case.note))
         except Exception as exc:  # a failing variant is reported, not fatal to the run
             rows.append(dict(op=case.op, shape=case.shape, dtype=case.dtype, variant=name,
                              ms=None, peak_mb=None, note=f"failed: {type(exc).__name__}: {exc}"[:300]))
