@@ -27,6 +27,7 @@ def main():
         modules = [m for m in modules if any(m.endswith(o) for o in args.only)]
     env = environment()
     env["date"] = datetime.date.today().isoformat()
+    os.makedirs(args.out, exist_ok=True)
     rows = []
     for name in modules:
         module = importlib.import_module(name)
@@ -38,9 +39,9 @@ def main():
             times = " ".join(f"{r['variant']}={r['ms']:.3f}" if r["ms"] else f"{r['variant']}=fail"
                              for r in case_rows)
             print(f"[{name}] {case.op} {case.shape} {case.dtype}: {times}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "ops.json"), "w") as f:
-        json.dump(dict(environment=env, rows=rows), f, indent=1)
+            # after every case: a run cut by its time cap keeps what it measured
+            with open(os.path.join(args.out, "ops.json"), "w") as f:
+                json.dump(dict(environment=env, rows=rows), f, indent=1)
     print_table(env, rows)
 
 
