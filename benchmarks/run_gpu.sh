@@ -13,7 +13,7 @@
 # STAGES picks what runs after the build (default "tests ops models inference"; also "fairseq",
 # "deepspeed", "train-profile"), so a session can split the work over calls while the machine
 # stays warm (the in-place build is kept); MODELS_ONLY (e.g. "bert-infer gpt2-train") picks
-# workloads of bench_models.py, FAIRSEQ_PARTS (default "generate bleu") the parts of
+# workloads of bench_models.py, OPS_ONLY (e.g. "cross_entropy layers") the op benchmarks, FAIRSEQ_PARTS (default "generate bleu") the parts of
 # bench_fairseq.py, and FAIRSEQ_ARGS / DEEPSPEED_ARGS / PROFILE_ARGS add options (e.g.
 # "--bleu-updates 600", "--updates 100", "--rows fairseq lightseq").
 # The device returns at most 8 files of $OUT: the per-command logs of fairseq/DeepSpeed go into
@@ -59,8 +59,9 @@ tail -1 "$OUT/cuda-tests.log"
 fi
 
 echo "== benchmarks"
-want ops && { timeout "${OPS_TIMEOUT:-180}" python3 benchmarks/bench_ops.py --out "$OUT" > "$OUT/bench-ops.log" 2>&1 \
-  || tail -20 "$OUT/bench-ops.log"; }
+ops_only=(); [ -n "${OPS_ONLY:-}" ] && ops_only=(--only $OPS_ONLY)
+want ops && { timeout "${OPS_TIMEOUT:-180}" python3 benchmarks/bench_ops.py --out "$OUT" "${ops_only[@]}" \
+  > "$OUT/bench-ops.log" 2>&1 || tail -20 "$OUT/bench-ops.log"; }
 for stage in models inference; do
   script=benchmarks/bench_$stage.py
   only=(); [ "$stage" = models ] && [ -n "${MODELS_ONLY:-}" ] && only=(--only $MODELS_ONLY)
