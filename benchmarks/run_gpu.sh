@@ -13,9 +13,10 @@
 # STAGES picks what runs after the build (default "tests ops models inference"; also "fairseq",
 # "deepspeed", "train-profile"), so a session can split the work over calls while the machine
 # stays warm (the in-place build is kept); MODELS_ONLY (e.g. "bert-infer gpt2-train") picks
-# workloads of bench_models.py, OPS_ONLY (e.g. "cross_entropy layers") the op benchmarks, FAIRSEQ_PARTS (default "generate bleu") the parts of
-# bench_fairseq.py, and FAIRSEQ_ARGS / DEEPSPEED_ARGS / PROFILE_ARGS add options (e.g.
-# "--bleu-updates 600", "--updates 100", "--rows fairseq lightseq").
+# workloads of bench_models.py, OPS_ONLY (e.g. "cross_entropy layers") the op benchmarks,
+# FAIRSEQ_PARTS (default "generate bleu") the parts of bench_fairseq.py, and FAIRSEQ_ARGS /
+# DEEPSPEED_ARGS / PROFILE_ARGS add options (e.g. "--bleu-updates 600", "--updates 100",
+# "--rows fairseq lightseq").
 # The device returns at most 8 files of $OUT: the per-command logs of fairseq/DeepSpeed go into
 # one $OUT/logs.tar.gz (re-made after each of those stages, so a call cut short keeps the rest).
 set -uo pipefail
