@@ -15,9 +15,17 @@ which the op tables do not show: ``module.train()``, seeding, per-parameter loop
 mostly idle between kernels says the update is bound by the host, a busy one names the kernels
 to work on.
 
+``--host-cost`` runs on the CPU what the GPU path costs the host: the architecture's layers at
+tiny widths, with fastpatch's kernels replaced by shape-only stand-ins
+(``benchmarks/stand_in_kernels.py``), so each command issues the calls it issues on a GPU. On
+this machine (2026-12-08) it gave 45.6 ms an update for fairseq-train and 48.6 ms for
+lightseq-train: the fused layers cost the host as much as fairseq's own, which is why a
+host-bound update is no faster with them.
+
 ``--cpu --smoke`` runs a tiny version on the CPU (checks the script; no device numbers).
 """
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -36,6 +44,10 @@ from bench_fairseq import (TRAIN_ROWS, ensure_fastpatch_installed, preprocess,  
                            synthetic_corpus, train_flags, training_parser)
 from harness import environment  # noqa: E402
 
+# --host-cost: the architecture's layer count and structure at widths whose compute is negligible
+_TINY_WIDTHS = ["--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+                "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+                "--decoder-attention-heads", "2"]
 _SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 _LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
              "cudaGraphLaunch")
@@ -159,6 +171,10 @@ def main():
     parser.add_argument("--rows", nargs="+", default=list(TRAIN_ROWS), choices=list(TRAIN_ROWS))
     parser.add_argument("--skip-updates", type=int, default=300)
     parser.add_argument("--profile-updates", type=int, default=20)
+    parser.add_argument("--host-cost", action="store_true",
+                        help="on the CPU, the host cost of each command's GPU path: the arch's "
+                             "layers at tiny widths, fastpatch's kernels replaced by stand-ins "
+                             "(benchmarks/stand_in_kernels.py)")
     # the parent runs itself once per row with these
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
@@ -167,6 +183,10 @@ def main():
     if args.smoke:
         args.arch, args.max_tokens, args.pairs, args.vocab = "transformer_tiny", 1024, 600, 300
         args.skip_updates, args.profile_updates = 3, 2
+    if args.host_cost:
+        args.cpu = True
+        if args.pairs == parser.get_default("pairs"):
+            args.pairs, args.vocab = 4000, 300
     if args.cpu:
         args.precision = "fp32"
     args.precision_flags = [] if args.precision == "fp32" else [f"--{args.precision}"]
@@ -177,8 +197,14 @@ def main():
     if args.child:
         work = os.path.dirname(args.child_json)
         flags = train_flags(args.data, args, os.path.join(work, "save-" + args.child),
-                            TRAIN_ROWS[args.child][2], total, ["--no-save"])
-        profile_child(args.child, flags, args.skip_updates, args.profile_updates, args.child_json)
+                            TRAIN_ROWS[args.child][2], total,
+                            ["--no-save", *(_TINY_WIDTHS if args.host_cost else [])])
+        with contextlib.ExitStack() as stack:
+            if args.host_cost:
+                import stand_in_kernels
+
+                stack.enter_context(stand_in_kernels.installed())
+            profile_child(args.child, flags, args.skip_updates, args.profile_updates, args.child_json)
         return
 
     ensure_fastpatch_installed()
@@ -186,13 +212,16 @@ def main():
     data = preprocess(synthetic_corpus(os.path.join(work, "text"), args.pairs, args.vocab, valid=8, test=8),
                       os.path.join(work, "data-bin"))
     env = environment() if torch.cuda.is_available() else dict(device="cpu", torch=torch.__version__)
+    if args.host_cost:
+        env["device"] = "cpu, host cost (stand-in kernels, tiny widths)"
     results = dict(environment=env, config=dict(arch=args.arch, precision=args.precision,
                                                 max_tokens=args.max_tokens, skip_updates=args.skip_updates,
                                                 profile_updates=args.profile_updates), rows=[])
     os.makedirs(args.out, exist_ok=True)
     same_options = ["--arch", args.arch, "--precision", args.precision, "--max-tokens", str(args.max_tokens),
                     "--skip-updates", str(args.skip_updates), "--profile-updates", str(args.profile_updates),
-                    *(["--cpu"] if args.cpu else []), *(["--smoke"] if args.smoke else [])]
+                    *(["--cpu"] if args.cpu else []), *(["--smoke"] if args.smoke else []),
+                    *(["--host-cost"] if args.host_cost else [])]
     for row in args.rows:
         child_json = os.path.join(work, f"{row}.json")
         command = [sys.executable, os.path.abspath(__file__), *same_options,
