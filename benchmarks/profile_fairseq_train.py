@@ -18,9 +18,9 @@ to work on.
 ``--host-cost`` runs on the CPU what the GPU path costs the host: the architecture's layers at
 tiny widths, with fastpatch's kernels replaced by shape-only stand-ins
 (``benchmarks/stand_in_kernels.py``), so each command issues the calls it issues on a GPU. On
-this machine (2026-12-08) it gave 45.6 ms an update for fairseq-train and 48.6 ms for
-lightseq-train: the fused layers cost the host as much as fairseq's own, which is why a
-host-bound update is no faster with them.
+this 2-core machine (2026-12-08, five runs) it gave 46-78 ms an update for fairseq-train and
+44-70 ms for lightseq-train, the two within each run's noise: the fused layers cost the host
+about what fairseq's own cost, which is why a host-bound update is no faster with them.
 
 ``--cpu --smoke`` runs a tiny version on the CPU (checks the script; no device numbers).
 """
@@ -44,10 +44,11 @@ from bench_fairseq import (TRAIN_ROWS, ensure_fastpatch_installed, preprocess,  
                            synthetic_corpus, train_flags, training_parser)
 from harness import environment  # noqa: E402
 
-# --host-cost: the architecture's layer count and structure at widths whose compute is negligible
-_TINY_WIDTHS = ["--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
-                "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
-                "--decoder-attention-heads", "2"]
+# --host-cost: the architecture's layer count and structure at widths whose compute is negligible,
+# batches loaded in the measured process (see profile_child's caller)
+_HOST_COST_FLAGS = ["--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+                    "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+                    "--decoder-attention-heads", "2", "--num-workers", "0"]
 _SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 _LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
              "cudaGraphLaunch")
@@ -110,7 +111,7 @@ def profile_child(row: str, flags, skip: int, updates: int, out_json: str) -> No
     cuda = torch.cuda.is_available() and "--cpu" not in flags
     activity = torch.profiler.ProfilerActivity
     activities = [activity.CPU] + ([activity.CUDA] if cuda else [])
-    state = dict(calls=0, inside=0.0)
+    state = dict(calls=0, inside=0.0, plain_steps=[])
     plain_end, torch_end, python_end = skip + updates, skip + 2 * updates, skip + 3 * updates
 
     def sync():
@@ -131,6 +132,8 @@ def profile_child(row: str, flags, skip: int, updates: int, out_json: str) -> No
             state["began"] = time.perf_counter()
         began = time.perf_counter()
         output = original(self, samples, *args, **kwargs)
+        if skip < calls <= plain_end and not cuda:  # on a GPU one step's host time is not its cost
+            state["plain_steps"].append(time.perf_counter() - began)
         if plain_end < calls <= torch_end:
             state["inside"] += time.perf_counter() - began
         if calls in (plain_end, torch_end, python_end):
@@ -146,7 +149,9 @@ def profile_child(row: str, flags, skip: int, updates: int, out_json: str) -> No
                 state["python"].disable()
                 hotspots = python_hotspots(pstats.Stats(state.pop("python")), updates)
                 with open(out_json, "w") as f:
-                    json.dump(dict(row=row, plain_wall_ms=state["plain_wall_ms"],
+                    steps = sorted(state["plain_steps"])
+                    median = round(1e3 * steps[len(steps) // 2], 2) if steps else None
+                    json.dump(dict(row=row, plain_wall_ms=state["plain_wall_ms"], plain_median_ms=median,
                                    python_wall_ms=round(1e3 * wall / updates, 2),
                                    **state["summary"], top_python=hotspots), f)
         return output
@@ -198,11 +203,14 @@ def main():
         work = os.path.dirname(args.child_json)
         flags = train_flags(args.data, args, os.path.join(work, "save-" + args.child),
                             TRAIN_ROWS[args.child][2], total,
-                            ["--no-save", *(_TINY_WIDTHS if args.host_cost else [])])
+                            ["--no-save", *(_HOST_COST_FLAGS if args.host_cost else [])])
         with contextlib.ExitStack() as stack:
             if args.host_cost:
                 import stand_in_kernels
 
+                # one thread and no loader workers: on a small machine they take the cores
+                # the measured process runs on, and the timings swing by 2x between runs
+                torch.set_num_threads(1)
                 stack.enter_context(stand_in_kernels.installed())
             profile_child(args.child, flags, args.skip_updates, args.profile_updates, args.child_json)
         return
@@ -248,15 +256,17 @@ def report(results):
     env, config = results["environment"], results["config"]
     print(f"\n# fairseq training profile  device={env.get('device')} torch={env.get('torch')} "
           f"commit={env.get('commit')} date={env.get('date')} {config}")
-    # wall: unprofiled; the other columns come from the torch.profiler window (its own wall
-    # time, slowed by the profiler, is the base of "busy")
-    print(f"{'per update':22} {'wall ms':>8} {'host in step':>12} {'GPU ms':>8} {'busy':>6} "
+    # wall: unprofiled mean; median: of single steps (CPU only: on a GPU a step's host time is
+    # not its cost); the other columns come from the torch.profiler window (its own wall time,
+    # slowed by the profiler, is the base of "busy")
+    print(f"{'per update':22} {'wall ms':>8} {'median':>8} {'host in step':>12} {'GPU ms':>8} {'busy':>6} "
           f"{'kernels':>8} {'syncs':>6}")
     good = [r for r in results["rows"] if "error" not in r]
     for r in good:
         busy = f"{100 * r['device_busy']:5.1f}%" if r.get("device_busy") is not None else "-"
-        print(f"{r['row']:22} {r['plain_wall_ms']:8.2f} {r['train_step_host_ms']:12.2f} {r['device_ms']:8.2f} "
-              f"{busy:>6} {r['kernels']:8.1f} {r['syncs']:6.1f}")
+        median = f"{r['plain_median_ms']:8.2f}" if r.get("plain_median_ms") is not None else "       -"
+        print(f"{r['row']:22} {r['plain_wall_ms']:8.2f} {median} {r['train_step_host_ms']:12.2f} "
+              f"{r['device_ms']:8.2f} {busy:>6} {r['kernels']:8.1f} {r['syncs']:6.1f}")
     for r in good:
         print(f"\n{r['row']}: top device time (ms an update, calls an update)")
         for name, ms, calls in r["top_device"]:
