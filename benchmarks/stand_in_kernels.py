@@ -76,10 +76,19 @@ def _fakes() -> dict:
 
 
 def _stand_in_ops() -> types.SimpleNamespace:
-    def stand_in(fake):
-        return lambda *args: _zeroed(fake(*args))
+    """The stand-ins, and ``calls``: how many were made (zero after a run means the fused ops
+    never took their CUDA branch, and the run measured the reference path instead)."""
+    ops = types.SimpleNamespace(calls=0)
 
-    return types.SimpleNamespace(**{name: stand_in(fake) for name, fake in _fakes().items()})
+    def stand_in(fake):
+        def call(*args):
+            ops.calls += 1
+            return _zeroed(fake(*args))
+        return call
+
+    for name, fake in _fakes().items():
+        setattr(ops, name, stand_in(fake))
+    return ops
 
 
 def _kernel_for_any_device(ops):
