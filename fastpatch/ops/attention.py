@@ -314,13 +314,33 @@ _MASKED_BACKWARD_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_AT
                              SDPBackend.MATH]
 
 
+def _without_cudnn_sdp(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with SDPA's cuDNN backend off, restored after.
+
+    The eager twin of ``sdpa_kernel(_MASKED_BACKWARD_BACKENDS)``: that context manager costs the
+    host ~23 us a call (measured on the CPU, 2026-12-08), more than the op it guards, and a
+    training update makes one such call per attention sublayer; reading and flipping the one
+    flag costs ~1.5 us. It leaves the other backends as the user set them (``sdpa_kernel``
+    would switch them on). Like ``sdpa_kernel``, it sets process-wide flags for the call."""
+    cudnn_was_on = torch.backends.cuda.cudnn_sdp_enabled()
+    if cudnn_was_on:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if cudnn_was_on:
+            torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sdpa: dict) -> Tensor:
     differentiated = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                   or v.requires_grad)
-    # dynamo traces sdpa_kernel, so compiled graphs make the same choice
     if differentiated and q.is_cuda:
-        with sdpa_kernel(_MASKED_BACKWARD_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
+        if torch.compiler.is_compiling():
+            # dynamo traces sdpa_kernel, so compiled graphs make the same choice
+            with sdpa_kernel(_MASKED_BACKWARD_BACKENDS):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
+        return _without_cudnn_sdp(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, **sdpa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
 
 

@@ -243,6 +243,27 @@ def test_attention_gradcheck_with_masks():
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+@pytest.mark.parametrize("cudnn_on", [True, False])
+def test_masked_backward_calls_run_without_cudnn_and_restore_the_users_setting(cudnn_on):
+    # the eager twin of sdpa_kernel(...) used for differentiated masked calls on CUDA
+    from fastpatch.ops.attention import _without_cudnn_sdp
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_on)
+    try:
+        seen = _without_cudnn_sdp(torch.backends.cuda.cudnn_sdp_enabled)
+        assert seen is False
+        assert torch.backends.cuda.cudnn_sdp_enabled() is cudnn_on
+
+        def fails():
+            raise RuntimeError("inside")
+        with pytest.raises(RuntimeError, match="inside"):
+            _without_cudnn_sdp(fails)
+        assert torch.backends.cuda.cudnn_sdp_enabled() is cudnn_on
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 def test_attention_dropout_statistics_reproducibility_and_eval():
     q = torch.zeros(4, 4, 64, 16)  # uniform attention weights over the keys
     k = torch.zeros(4, 4, 256, 16)
