@@ -71,7 +71,8 @@ def print_table(env, rows):
         rivals = [v.get(k, {}).get("ms") for k in ("eager", "compile")]
         if f.get("ms") and f.get("top_kernels") and any(r and r < f["ms"] for r in rivals):
             kernels = "; ".join(f"{name[:48]} {ms:.3f} x{count:g}" for name, ms, count in f["top_kernels"][:4])
-            print(f"  slower: {op} {shape} {dtype}: kernels {f['kernel_ms']:.3f} of {f['ms']:.3f} ms: {kernels}")
+            total = f"{f['kernel_ms']:.3f}" if f.get("kernel_ms") is not None else "?"
+            print(f"  slower: {op} {shape} {dtype}: kernels {total} of {f['ms']:.3f} ms: {kernels}")
     for r in rows:
         if r["note"].startswith("failed"):
             print(f"  ! {r['op']} {r['shape']} {r['variant']}: {r['note']}")
