@@ -25,7 +25,6 @@ import types
 
 import torch
 
-from fastpatch import _extension
 from fastpatch.ops import _dispatch
 
 
@@ -92,10 +91,10 @@ def _stand_in_ops() -> types.SimpleNamespace:
 
 
 def _kernel_for_any_device(ops):
+    # _dispatch.kernel_for without its CUDA-device test
     def kernel_for(name, *tensors):
         present = [t for t in tensors if t is not None]
-        if not present or any(t.is_floating_point() and t.dtype not in _dispatch.KERNEL_DTYPES
-                              for t in present):
+        if not present or not _dispatch.kernel_dtypes(present):
             return None
         return getattr(ops, name, None)
 
@@ -111,13 +110,10 @@ def installed():
     # every module that imported kernel_for by name holds its own reference to it
     holders = [m for name, m in list(sys.modules.items())
                if name.startswith("fastpatch") and getattr(m, "kernel_for", None) is original]
-    saved_cuda_ops = _extension.cuda_ops
     try:
         for module in holders:
             module.kernel_for = replacement
-        _extension.cuda_ops = lambda: ops
         yield ops
     finally:
         for module in holders:
             module.kernel_for = original
-        _extension.cuda_ops = saved_cuda_ops

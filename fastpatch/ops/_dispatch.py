@@ -9,6 +9,11 @@ from .. import _extension
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def kernel_dtypes(tensors) -> bool:
+    """Whether every floating tensor of ``tensors`` has a dtype the kernels take (not fp64)."""
+    return not any(t.is_floating_point() and t.dtype not in KERNEL_DTYPES for t in tensors)
+
+
 def kernel_for(name: str, *tensors: torch.Tensor | None):
     """The ``fastpatch_cuda::<name>`` op if every given tensor is a CUDA tensor the kernels take.
 
@@ -18,7 +23,7 @@ def kernel_for(name: str, *tensors: torch.Tensor | None):
     present = [t for t in tensors if t is not None]
     if not present or not all(t.is_cuda for t in present):
         return None
-    if any(t.is_floating_point() and t.dtype not in KERNEL_DTYPES for t in present):
+    if not kernel_dtypes(present):
         return None
     ops = _extension.cuda_ops()
     if ops is None:
